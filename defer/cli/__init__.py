@@ -1,0 +1,69 @@
+"""The `defer` command line: thin click shells over the Python API.
+
+Every DeferError becomes one line on stderr and its exit code; no traceback reaches the user
+unless `--debug` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from defer import __version__
+from defer.errors import DeferError
+
+
+class _DeferGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DeferError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"defer: error: {err}", err=True)
+            sys.exit(err.exit_code)
+
+
+@click.group(cls=_DeferGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="defer")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """defer: distributed edge inference.
+
+    \b
+    defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX stages
+    defer inspect DIR                  show the plan of a compiled model
+    defer serve [BUNDLE]               run one stage on this node
+    defer dispatch --manifest M ...    stream inputs through a chain of nodes
+    defer run                          everything on this machine, built-in example
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if verbose == 0:
+        logging.getLogger("defer").setLevel(logging.INFO)
+
+
+def _register() -> None:
+    # Each command lives in its own module; a missing module (work in progress) is skipped.
+    import importlib
+
+    for module in ("compile_cmd", "runtime_cmd", "bench_cmd"):
+        try:
+            mod = importlib.import_module(f"defer.cli.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"defer.cli.{module}":
+                raise
+            continue
+        for command in getattr(mod, "COMMANDS", []):
+            main.add_command(command)
+
+
+_register()
