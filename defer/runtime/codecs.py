@@ -1,0 +1,166 @@
+# Per-tensor activation codecs. `encode_tensor(name, array, codec) -> WireTensor` and
+# `decode_tensor(WireTensor) -> ndarray`; each tensor carries its codec, dtype and shape, so a
+# receiver needs no configuration. Specs: raw | lz4 | zfp | zfp:<tol> | zfp+lz4 | zfp:<tol>+lz4.
+# `zfp` is reversible (lossless), `zfp:<tol>` fixed accuracy (|error| <= tol). zfp sees the tensor
+# flattened to 1-D and only takes float32/64 and int32/64: other dtypes fall back to lz4, integer
+# tensors never go lossy, empty tensors go raw. raw is zero-copy both ways. Bad payloads raise
+# CodecError; a bad spec raises UsageError.
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import lz4.block
+import numpy as np
+import zfpy
+
+from defer.errors import CodecError, UsageError
+from defer.runtime.protocol import DTYPES, WireTensor
+
+ZFP_DTYPES = frozenset({"float32", "float64", "int32", "int64"})
+CODEC_HELP = "raw, lz4, zfp (lossless), zfp:<tol> (|error| <= tol), zfp+lz4, zfp:<tol>+lz4"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec spec: optional zfp stage (tolerance None = reversible), optional lz4."""
+
+    zfp: bool = False
+    tolerance: float | None = None
+    lz4: bool = False
+
+    @property
+    def spec(self) -> str:
+        if not self.zfp:
+            return "lz4" if self.lz4 else "raw"
+        zfp = "zfp" if self.tolerance is None else f"zfp:{self.tolerance:g}"
+        return zfp + ("+lz4" if self.lz4 else "")
+
+    @property
+    def lossless(self) -> bool:
+        return self.tolerance is None
+
+
+@lru_cache(maxsize=64)
+def parse_codec(spec: str) -> Codec:
+    """Parse a codec spec such as "zfp:1e-2+lz4"; UsageError names the accepted forms."""
+    text = spec.strip().lower()
+    base, plus, rest = text.partition("+")
+    if plus and rest != "lz4":
+        raise UsageError(f"unknown codec {spec!r}; use one of: {CODEC_HELP}")
+    if base in ("raw", "lz4") and not plus:
+        return Codec(lz4=base == "lz4")
+    name, colon, tol = base.partition(":")
+    if name != "zfp" or (colon and not tol):
+        raise UsageError(f"unknown codec {spec!r}; use one of: {CODEC_HELP}")
+    tolerance = None
+    if colon:
+        try:
+            tolerance = float(tol)
+        except ValueError:
+            raise UsageError(f"codec {spec!r}: tolerance {tol!r} is not a number") from None
+        if not (math.isfinite(tolerance) and tolerance > 0):
+            raise UsageError(f"codec {spec!r}: tolerance must be a positive number")
+    return Codec(zfp=True, tolerance=tolerance, lz4=bool(plus))
+
+
+def effective_codec(codec: Codec, dtype: str, size: int) -> Codec:
+    """The codec actually applied to a tensor of this dtype and element count."""
+    if size == 0:
+        return Codec()
+    if codec.zfp and dtype not in ZFP_DTYPES:
+        return Codec(lz4=True)
+    if codec.zfp and dtype.startswith("int") and codec.tolerance is not None:
+        return Codec(zfp=True, lz4=codec.lz4)  # integers are indices/counts: never lossy
+    return codec
+
+
+def encode_tensor(name: str, array: np.ndarray, codec: str | Codec = "raw") -> WireTensor:
+    """Encode one tensor. raw returns a view of `array` (do not mutate it until sent)."""
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
+    array = np.asarray(array)
+    dtype = array.dtype.name
+    if dtype not in DTYPES:
+        raise CodecError(f"tensor {name!r}: dtype {dtype} cannot be sent; "
+                         f"use one of {', '.join(DTYPES)}")
+    flat = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")).reshape(-1)
+    used = effective_codec(codec, dtype, flat.size)
+    inner = 0
+    if used.zfp:
+        data = _zfp_compress(flat, used.tolerance)
+        if used.lz4:
+            inner = len(data)
+            data = lz4.block.compress(data, store_size=False)
+    elif used.lz4:
+        data = lz4.block.compress(memoryview(flat.view(np.uint8)), store_size=False)
+    else:
+        data = memoryview(flat.view(np.uint8))
+    return WireTensor(name=name, dtype=dtype, shape=tuple(array.shape), codec=used.spec,
+                      data=data, inner=inner)
+
+
+def decode_tensor(tensor: WireTensor) -> np.ndarray:
+    """Decode one tensor; raw is a zero-copy view of the received buffer."""
+    try:
+        codec = parse_codec(tensor.codec)
+    except UsageError as err:
+        raise CodecError(f"tensor {tensor.name!r}: {err}") from None
+    dtype = np.dtype(tensor.dtype)  # protocol.DTYPES already vetted the name
+    count = math.prod(tensor.shape)
+    raw_size = count * dtype.itemsize
+    data = tensor.data
+    if codec.zfp:
+        if codec.lz4:
+            if not 0 < tensor.inner <= 2 * raw_size + 4096:
+                raise CodecError(f"tensor {tensor.name!r}: implausible zfp stream size "
+                                 f"{tensor.inner} for {raw_size} raw bytes")
+            data = _lz4_decompress(tensor, data, tensor.inner)
+        flat = _zfp_decompress(tensor, data, count, raw_size)
+    elif codec.lz4:
+        flat = np.frombuffer(_lz4_decompress(tensor, data, raw_size), dtype=dtype)
+    else:
+        if len(data) != raw_size:
+            raise CodecError(f"tensor {tensor.name!r}: {len(data)} bytes, expected {raw_size} "
+                             f"for {tensor.dtype}{list(tensor.shape)}")
+        flat = np.frombuffer(data, dtype=dtype)
+    return flat.reshape(tensor.shape)
+
+
+def _zfp_compress(flat: np.ndarray, tolerance: float | None) -> bytes:
+    if tolerance is None:
+        return zfpy.compress_numpy(flat)
+    return zfpy.compress_numpy(flat, tolerance=tolerance)
+
+
+def _lz4_decompress(tensor: WireTensor, data, size: int) -> bytes:
+    try:
+        return lz4.block.decompress(data, uncompressed_size=size)
+    except lz4.block.LZ4BlockError as err:
+        raise CodecError(f"tensor {tensor.name!r}: corrupt lz4 payload ({err})") from None
+
+
+def _zfp_decompress(tensor: WireTensor, data, count: int, raw_size: int) -> np.ndarray:
+    if tensor.dtype not in ZFP_DTYPES:
+        raise CodecError(f"tensor {tensor.name!r}: zfp cannot carry {tensor.dtype}")
+    # zfp's bit reader does not bounds-check: give a truncated stream zeros, not foreign memory.
+    padded = bytearray(max(len(data) + 64, raw_size + raw_size // 2 + 1024))
+    padded[: len(data)] = data
+    try:
+        header = zfpy.header(padded)
+    except (ValueError, IndexError, TypeError) as err:
+        raise CodecError(f"tensor {tensor.name!r}: corrupt zfp header ({err})") from None
+    if (np.dtype(header["type"]).name != tensor.dtype or header["nx"] != count
+            or header["ny"] or header["nz"] or header["nw"]):
+        raise CodecError(f"tensor {tensor.name!r}: zfp stream holds {header['nx']} "
+                         f"{np.dtype(header['type']).name}, expected {count} {tensor.dtype}")
+    try:
+        return zfpy.decompress_numpy(padded)
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise CodecError(f"tensor {tensor.name!r}: corrupt zfp payload ({err})") from None
+
+
+def max_abs_error(codec: str | Codec) -> float:
+    """The error bound a codec promises per element (0.0 for lossless codecs)."""
+    codec = parse_codec(codec) if isinstance(codec, str) else codec
+    return 0.0 if codec.tolerance is None else codec.tolerance
