@@ -1,0 +1,180 @@
+"""Partition the topological order into contiguous stages, one per node of the chain.
+
+Stage s covers nodes [a, b) and runs on a node of relative speed speeds[s]:
+
+    time(s, a, b) = compute[a:b] / speeds[s] + cut_bytes[a] / bandwidth + latency
+
+`cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs). The objective is
+lexicographic: the slowest stage (pipeline throughput = 1 / slowest), then fewer bytes on the
+wire (interior cuts), then lower total latency (sum of stage times). `memory[a, b]` over a cap
+makes a stage infeasible. `balanced` solves it exactly in two dynamic programmes: the first finds
+the optimal bottleneck, the second minimises bytes and latency among plans that attain it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from defer.errors import PlanError
+
+_REL_EPS = 1e-9
+
+
+@dataclass
+class Problem:
+    compute: np.ndarray  # (N,) seconds per node at speed 1
+    cut_bytes: np.ndarray  # (N+1,) bytes crossing a cut before node k
+    speeds: list[float]  # one per stage, chain order
+    bandwidth: float | None = None  # bytes/s; None = unlimited
+    latency: float = 0.0  # seconds per hop
+    memory: np.ndarray | None = None  # (N+1, N+1) bytes needed by a stage [a, b)
+    memory_cap: float | None = None
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.compute)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.speeds)
+
+    def time_matrix(self, stage: int) -> np.ndarray:
+        """T[a, b] = time of stage `stage` covering [a, b); inf where a >= b or over the cap."""
+        prefix = np.concatenate([[0.0], np.cumsum(self.compute)])
+        comm = self.cut_bytes / self.bandwidth if self.bandwidth else np.zeros_like(prefix)
+        times = (prefix[None, :] - prefix[:, None]) / self.speeds[stage] + comm[:, None]
+        times = times + self.latency
+        a, b = np.indices(times.shape)
+        times[a >= b] = np.inf
+        if self.memory is not None and self.memory_cap is not None:
+            times[self.memory > self.memory_cap] = np.inf
+        return times
+
+
+@dataclass
+class Plan:
+    strategy: str
+    bounds: list[int]  # stage s covers [bounds[s], bounds[s+1])
+    stage_times: list[float]
+    wire_bytes: int  # bytes over interior cuts, per inference
+    ideal: float  # total compute / sum of speeds
+    fits_memory: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bottleneck(self) -> float:
+        return max(self.stage_times)
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.stage_times))
+
+    @property
+    def cuts(self) -> list[int]:
+        return self.bounds[1:-1]
+
+    @property
+    def imbalance(self) -> float:
+        return self.bottleneck / self.ideal if self.ideal > 0 else 1.0
+
+    def __repr__(self) -> str:
+        return (f"Plan({self.strategy}, n={len(self.stage_times)}, cuts={self.cuts}, "
+                f"bottleneck={self.bottleneck * 1e3:.3f}ms, ideal={self.ideal * 1e3:.3f}ms, "
+                f"x{self.imbalance:.3f}, wire={self.wire_bytes}B)")
+
+
+def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Plan:
+    """The plan that cuts at `bounds` (0 = b_0 < ... < b_n = N), with its predicted times."""
+    times = []
+    fits = True
+    for s in range(problem.n_stages):
+        a, b = bounds[s], bounds[s + 1]
+        t = problem.time_matrix(s)[a, b] if a < b else np.inf
+        if not np.isfinite(t) and a < b:
+            fits = False
+            t = _unconstrained_time(problem, s, a, b)
+        times.append(float(t))
+    wire = int(sum(problem.cut_bytes[k] for k in bounds[1:-1]))
+    return Plan(strategy, list(bounds), times, wire, _ideal(problem), fits)
+
+
+def balanced(problem: Problem) -> Plan:
+    """The exact optimum: minimal bottleneck, then fewest wire bytes, then lowest total time."""
+    _check_sizes(problem)
+    matrices = [problem.time_matrix(s) for s in range(problem.n_stages)]
+    bound = _optimal_bottleneck(problem, matrices)
+    if not np.isfinite(bound):
+        raise PlanError(_infeasible_message(problem))
+    limit = bound * (1 + _REL_EPS) + 1e-15
+    bounds = _min_bytes_then_latency(problem, matrices, limit)
+    return evaluate(problem, bounds, "balanced")
+
+
+def equal_layers(problem: Problem) -> Plan:
+    """The baseline of hand-cut tools: equal node counts per stage."""
+    _check_sizes(problem)
+    n, count = problem.n_stages, problem.n_nodes
+    bounds = [round(i * count / n) for i in range(n + 1)]
+    return evaluate(problem, bounds, "layers")
+
+
+def _check_sizes(problem: Problem) -> None:
+    if problem.n_stages < 1:
+        raise PlanError(f"n = {problem.n_stages}: a plan needs at least 1 stage; pass -n 1 or more")
+    if problem.n_stages > problem.n_nodes:
+        raise PlanError(f"n = {problem.n_stages} stages but the model has only "
+                        f"{problem.n_nodes} nodes; pass -n {problem.n_nodes} or fewer")
+
+
+def _optimal_bottleneck(problem: Problem, matrices: list[np.ndarray]) -> float:
+    size = problem.n_nodes + 1
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    for times in matrices:
+        best = np.min(np.maximum(best[:, None], times), axis=0)
+    return float(best[-1])
+
+
+def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit: float) -> list[int]:
+    size = problem.n_nodes + 1
+    wire = problem.cut_bytes.astype(float).copy()
+    wire[0] = 0.0
+    cost_bytes = np.full(size, np.inf)
+    cost_bytes[0] = 0.0
+    cost_time = np.zeros(size)
+    choices = []
+    for times in matrices:
+        feasible = times <= limit
+        cand_bytes = np.where(feasible, cost_bytes[:, None] + wire[:, None], np.inf)
+        cand_time = np.where(feasible, cost_time[:, None] + times, np.inf)
+        new_bytes = cand_bytes.min(axis=0)
+        at_min = cand_bytes == new_bytes[None, :]
+        cand_time = np.where(at_min & np.isfinite(cand_bytes), cand_time, np.inf)
+        choice = cand_time.argmin(axis=0)
+        cost_bytes, cost_time = new_bytes, cand_time[choice, np.arange(size)]
+        choices.append(choice)
+    bounds = [problem.n_nodes]
+    for choice in reversed(choices):
+        bounds.append(int(choice[bounds[-1]]))
+    return bounds[::-1]
+
+
+def _unconstrained_time(problem: Problem, stage: int, a: int, b: int) -> float:
+    free = Problem(problem.compute, problem.cut_bytes, problem.speeds, problem.bandwidth,
+                   problem.latency)
+    return float(free.time_matrix(stage)[a, b])
+
+
+def _ideal(problem: Problem) -> float:
+    return float(np.sum(problem.compute) / np.sum(problem.speeds))
+
+
+def _infeasible_message(problem: Problem) -> str:
+    if problem.memory is not None and problem.memory_cap is not None:
+        smallest = float(np.min(problem.memory[np.triu_indices(problem.n_nodes + 1, 1)]))
+        return (f"no plan fits the memory cap of {problem.memory_cap / 2**20:.1f} MiB per node "
+                f"(the smallest single stage needs {smallest / 2**20:.1f} MiB); "
+                "raise --memory or use more nodes")
+    return "no feasible plan; check the speeds and the number of stages"
