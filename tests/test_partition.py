@@ -1,0 +1,114 @@
+"""The partitioner against brute force on random small problems, and its baselines."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from defer.compiler.partition import Problem, balanced, equal_layers
+from defer.errors import PlanError
+
+
+def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
+    # Written out independently of Problem.time_matrix on purpose.
+    t = sum(p.compute[a:b]) / p.speeds[s] + p.latency
+    if p.bandwidth:
+        t += p.cut_bytes[a] / p.bandwidth
+    if p.memory is not None and p.memory[a, b] > p.memory_cap:
+        return float("inf")
+    return t
+
+
+def brute_force(p: Problem):
+    """Best (bottleneck, wire bytes, total time) over every way to cut."""
+    best = None
+    for cuts in itertools.combinations(range(1, p.n_nodes), p.n_stages - 1):
+        bounds = [0, *cuts, p.n_nodes]
+        times = [_stage_time(p, s, bounds[s], bounds[s + 1]) for s in range(p.n_stages)]
+        key = (max(times), sum(p.cut_bytes[c] for c in cuts), sum(times))
+        if best is None or _better(key, best):
+            best = key
+    return best
+
+
+def _better(key, best) -> bool:
+    if not np.isclose(key[0], best[0], rtol=1e-9, atol=0):
+        return key[0] < best[0]
+    if key[1] != best[1]:
+        return key[1] < best[1]
+    return key[2] < best[2] - 1e-12
+
+
+@st.composite
+def problems(draw):
+    n_nodes = draw(st.integers(2, 9))
+    n_stages = draw(st.integers(1, min(4, n_nodes)))
+    floats = st.floats(0.0, 10.0, allow_nan=False)
+    compute = np.array(draw(st.lists(floats, min_size=n_nodes, max_size=n_nodes)))
+    # Small integer byte counts so ties on the wire are common and the tie-break is exercised.
+    cut_bytes = np.array(draw(st.lists(st.integers(0, 6), min_size=n_nodes + 1,
+                                       max_size=n_nodes + 1)), dtype=float)
+    speeds = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=n_stages,
+                           max_size=n_stages))
+    bandwidth = draw(st.sampled_from([None, 0.5, 1.0, 4.0]))
+    latency = draw(st.sampled_from([0.0, 0.25]))
+    memory = cap = None
+    if draw(st.booleans()):
+        rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+        memory = np.triu(rng.uniform(0, 10, (n_nodes + 1, n_nodes + 1)), 1)
+        cap = draw(st.floats(2.0, 10.0))
+    return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap)
+
+
+@settings(max_examples=400, deadline=None)
+@given(problems())
+def test_balanced_equals_brute_force(problem):
+    expected = brute_force(problem)
+    if not np.isfinite(expected[0]):
+        with pytest.raises(PlanError, match="memory cap"):
+            balanced(problem)
+        return
+    plan = balanced(problem)
+    assert plan.bottleneck == pytest.approx(expected[0], rel=1e-9)
+    assert plan.wire_bytes == expected[1]
+    assert plan.total == pytest.approx(expected[2], rel=1e-9, abs=1e-12)
+    assert plan.bounds[0] == 0 and plan.bounds[-1] == problem.n_nodes
+    assert all(a < b for a, b in zip(plan.bounds, plan.bounds[1:]))
+
+
+def test_faster_node_gets_two_thirds():
+    problem = Problem(np.ones(300), np.zeros(301), speeds=[2.0, 1.0])
+    plan = balanced(problem)
+    assert plan.cuts == [200]
+
+
+def test_bandwidth_moves_the_cut_to_a_narrow_place():
+    # Equal compute everywhere; cutting in the middle costs 1000 bytes, at node 4 only 10.
+    cut_bytes = np.array([0, 1000, 1000, 1000, 10, 1000, 1000, 1000, 0], dtype=float)
+    compute = np.ones(8)
+    blind = balanced(Problem(compute, cut_bytes, [1.0, 1.0]))
+    assert blind.cuts == [4]  # the tie-break already prefers the narrow cut
+    cut_bytes[4] = 1000
+    cut_bytes[3] = 10
+    limited = balanced(Problem(compute, cut_bytes, [1.0, 1.0], bandwidth=100.0))
+    assert limited.cuts == [3]  # 3 + 0.1 beats 4 + 10 at the other cut
+    assert balanced(Problem(compute, cut_bytes, [1.0, 1.0])).cuts == [4]
+
+
+def test_layers_baseline_splits_node_counts_evenly():
+    plan = equal_layers(Problem(np.arange(10, dtype=float), np.zeros(11), [1.0] * 3))
+    assert plan.bounds == [0, 3, 7, 10]
+
+
+def test_too_many_stages_is_a_plan_error():
+    with pytest.raises(PlanError, match="only 3 nodes"):
+        balanced(Problem(np.ones(3), np.zeros(4), [1.0] * 4))
+
+
+def test_plan_repr_is_one_line():
+    plan = balanced(Problem(np.ones(6), np.zeros(7), [1.0, 1.0]))
+    assert "\n" not in repr(plan) and "cuts=[3]" in repr(plan)
