@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/defer/models")
 SAVE_SUFFIXES = (".h5", ".keras")
+# Part of every cached file name: bump it when a builder changes so stale caches are not reused.
+BUILDERS_VERSION = 1
 
 
 def _keras() -> Any:
@@ -52,16 +54,47 @@ def resnet50(seed: int = 0) -> Any:
     """keras.applications.ResNet50, random weights, 224x224x3 -> 1000 logits."""
     keras = _seeded_keras(seed)
     image = keras.Input((224, 224, 3), name="input")
-    return keras.applications.ResNet50(weights=None, input_tensor=image, classifier_activation=None)
+    model = keras.applications.ResNet50(
+        weights=None, input_tensor=image, classifier_activation=None
+    )
+    return _calibrate_batchnorm(model, seed)
 
 
 def mobilenetv2(seed: int = 0) -> Any:
     """keras.applications.MobileNetV2, random weights, 224x224x3 -> 1000 logits."""
     keras = _seeded_keras(seed)
     image = keras.Input((224, 224, 3), name="input")
-    return keras.applications.MobileNetV2(
+    model = keras.applications.MobileNetV2(
         weights=None, input_tensor=image, classifier_activation=None
     )
+    return _calibrate_batchnorm(model, seed)
+
+
+def _calibrate_batchnorm(model: Any, seed: int, batch: int = 4) -> Any:
+    """Set every BatchNormalization's moving mean/variance to its batch statistics on one
+    seeded batch of uniform [0, 1) inputs, so each BN normalises its input in inference mode.
+
+    Fresh BN layers (mean 0, variance 1) do not normalise: random MobileNetV2 logits come out
+    near 1e-11, which makes fidelity checks (and lossy codecs) meaningless. One forward pass in
+    training mode with momentum 0 is exact: every layer sees already-normalised inputs.
+    """
+    import numpy as np
+
+    keras = _keras()
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return model
+    rng = np.random.default_rng(seed)
+    inputs = [rng.random((batch, *inp.shape[1:]), dtype=np.float32) for inp in model.inputs]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    try:
+        model(inputs if len(inputs) > 1 else inputs[0], training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return model
 
 
 def tiny_cnn(seed: int = 0) -> Any:
@@ -97,7 +130,7 @@ def densenet_tiny(seed: int = 0, blocks: int = 2, layers_per_block: int = 4) -> 
     x = layers.Activation("relu", name="final_relu")(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     logits = dense(10, name="logits")(x)
-    return keras.Model(image, logits, name="densenet_tiny")
+    return _calibrate_batchnorm(keras.Model(image, logits, name="densenet_tiny"), seed)
 
 
 def _he_layers(layers: Any) -> tuple[Any, Any]:
@@ -200,18 +233,18 @@ def build(name: str, path: Path, seed: int = 0) -> Path:
 
 def example_model(name: str = "resnet50", cache_dir: Path | None = None) -> Path:
     """The cached `.h5` of example `name` (seed 0), built once into `cache_dir`
-    (default ~/.cache/defer/models). The file appears atomically: never half written."""
+    (default ~/.cache/defer/models) as `NAME-vN.h5`, N = BUILDERS_VERSION. The file appears
+    atomically (temp file + os.replace): never half written."""
     _builder(name)
     cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    path = cache_dir / f"{name}.h5"
+    path = cache_dir / f"{name}-v{BUILDERS_VERSION}.h5"
     if path.is_file():
         log.debug("example %s cached at %s", name, path)
         return path
     log.info("building example model %s into %s (once)", name, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.h5", dir=cache_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not mkstemp: its 0600 mode would survive os.replace; a unique name is enough here.
+    tmp = cache_dir / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp.h5"
     try:
         build(name, tmp)
         os.replace(tmp, path)
