@@ -80,13 +80,23 @@ def test_same_seed_same_weights(tf, tmp_path):
 
 
 @pytest.mark.keras
+def test_batchnorm_is_calibrated_on_the_seeded_batch(tf):
+    # The seed-0 calibration batch: inference mode must now equal training (batch-stat) mode.
+    model = examples.densenet_tiny(seed=0)
+    batch = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    inference = np.asarray(model(batch, training=False))
+    training = np.asarray(model(batch, training=True))
+    np.testing.assert_allclose(inference, training, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.keras
 def test_example_model_builds_once_and_atomically(tf, tmp_path):
     path = examples.example_model("tiny_cnn", cache_dir=tmp_path)
-    assert path == tmp_path / "tiny_cnn.h5"
+    assert path == tmp_path / f"tiny_cnn-v{examples.BUILDERS_VERSION}.h5"
     mtime = path.stat().st_mtime_ns
     assert examples.example_model("tiny_cnn", cache_dir=tmp_path) == path
     assert path.stat().st_mtime_ns == mtime  # cached, not rebuilt
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_cnn.h5"]  # no temp file left
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
 
 
 @pytest.mark.keras
