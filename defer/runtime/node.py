@@ -1,0 +1,411 @@
+# One edge node (`defer serve`): an asyncio server that runs one stage bundle with onnxruntime.
+# The dispatcher's control connection brings HELLO/LOAD/CONFIGURE/STATS/PING/SHUTDOWN, and the
+# inputs when this is stage 0; the previous node's data connection brings INFER otherwise.
+# Received requests wait in a bounded queue, onnxruntime (plus codec work) runs in ONE worker
+# thread, results wait in a bounded send queue for the next node (or, on the last stage, the
+# dispatcher). Full queues stop reading the socket: that is the backpressure. Forwarded tensors
+# are passed on as received bytes, never decoded. A malformed frame closes only its connection.
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from defer.errors import (
+    DeferError,
+    InputError,
+    ManifestError,
+    NodeError,
+    ProtocolError,
+    StartupError,
+    UsageError,
+)
+from defer.manifest import sha256_bytes
+from defer.runtime.channel import Channel, check_hello
+from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
+from defer.runtime.protocol import (
+    Ack,
+    Configure,
+    Error,
+    Hello,
+    Infer,
+    Load,
+    Message,
+    Ping,
+    Pong,
+    Result,
+    Shutdown,
+    Stats,
+    raw_nbytes,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeConfig:
+    """How to run a node. `port=0` picks a free port; `cpu` pins the process to that core."""
+
+    host: str = "127.0.0.1"
+    port: int = 7000
+    bundle: Path | None = None
+    threads: int = 1
+    cpu: int | None = None
+    queue_size: int = 4
+    drain_timeout: float = 10.0
+    connect_timeout: float = 10.0
+
+
+def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    """The deploy session: ORT_ENABLE_ALL, `threads` intra-op threads, one inter-op thread."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _load_session(model: bytes, threads: int) -> ort.InferenceSession:
+    # onnxruntime raises its own exception types; translate them at this boundary.
+    try:
+        return make_session(model, threads)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's pybind errors share no base class
+        raise ManifestError(f"onnxruntime cannot load the bundle: {err}") from None
+
+
+class _Counters:
+    """What STATS reports. Written by the loop and the worker thread, each its own fields."""
+
+    def __init__(self) -> None:
+        self.requests = self.errors = 0
+        self.busy_s = self.decode_s = self.encode_s = 0.0
+        self.bytes_in: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()
+        self.raw_out = 0  # what bytes_out would be with the raw codec
+        self.queue_max = 0
+        self.started = time.monotonic()
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.node_id = f"{config.host}:{config.port}"
+        self._session: ort.InferenceSession | None = None
+        self._sha: str | None = None
+        self._plan: Configure | None = None
+        self._generation = 0  # bumped per dispatcher session; stale work is dropped
+        self._control: Channel | None = None
+        self._downstream: Channel | None = None
+        self._compute_q: asyncio.Queue[tuple[int, Infer]] = asyncio.Queue(config.queue_size)
+        self._send_q: asyncio.Queue[tuple[int, Message]] = asyncio.Queue(config.queue_size)
+        self._in_worker = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defer-ort")
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self.counters = _Counters()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop accepting, drain in-flight requests, exit. Safe from a signal handler."""
+        self._stop.set()
+
+    async def serve(self, on_ready: Callable[[str, int], None] | None = None) -> None:
+        """Serve until request_stop() or SHUTDOWN; calls on_ready(host, port) once listening."""
+        try:
+            if self.config.bundle is not None:
+                await self._load_file(self.config.bundle)
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                server = await self._listen()
+                self._spawn(self._compute_loop())
+                self._spawn(self._send_loop())
+                host, port = server.sockets[0].getsockname()[:2]
+                self.node_id = f"{host}:{port}"
+                log.info("node %s listening (bundle %s)", self.node_id, self._sha or "none yet")
+                if on_ready is not None:
+                    on_ready(host, port)
+                await self._stop.wait()
+                server.close()
+                await self._drain()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    async def _load_file(self, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StartupError(f"cannot read bundle {path}: {err}") from None
+        try:
+            await self._install(data, sha256_bytes(data))
+        except ManifestError as err:
+            raise StartupError(f"{path}: {err}") from None
+
+    async def _listen(self) -> asyncio.Server:
+        try:
+            return await asyncio.start_server(self._on_connect, self.config.host,
+                                              self.config.port)
+        except OSError as err:
+            raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
+                               f"{err.strerror or err}; pick another --port (0 = any free)") from None
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout
+        while (self._compute_q.qsize() or self._send_q.qsize() or self._in_worker) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        left = self._compute_q.qsize() + self._send_q.qsize() + self._in_worker
+        for chan in (self._control, self._downstream):
+            if chan is not None:
+                await chan.close()
+        busy = [t for t in self._tasks if not t.done()]
+        for task in busy:
+            task.cancel()
+        log.info("node %s stopped: %d requests served, %d left undrained, %d tasks cancelled",
+                 self.node_id, self.counters.requests, left, len(busy))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        assert self._tg is not None
+        task = self._tg.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        name = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
+        self._spawn(self._connection(Channel(reader, writer, name)))
+
+    # --- connections ------------------------------------------------------------------------
+
+    async def _connection(self, chan: Channel) -> None:
+        try:
+            hello = await asyncio.wait_for(chan.recv(), self.config.connect_timeout)
+            check_hello(hello, chan.peer)
+            if hello.role == "dispatcher" and self._control is not None:
+                await chan.send(Error(reason=f"node {self.node_id} already serves dispatcher "
+                                      f"{self._control.peer}", node=self.node_id))
+                return
+            await chan.send(Hello(node_id=self.node_id, role="node", bundle_sha256=self._sha))
+            if hello.role == "dispatcher":
+                await self._control_loop(chan)
+            else:
+                await self._data_loop(chan)
+        except ProtocolError as err:
+            log.warning("closing connection from %s: %s", chan.peer, err)
+        except (OSError, asyncio.TimeoutError) as err:
+            log.info("connection from %s lost: %s", chan.peer, err)
+        finally:
+            if chan is self._control:
+                self._end_session()
+            await chan.close()
+
+    async def _data_loop(self, chan: Channel) -> None:
+        while (msg := await chan.recv()) is not None:
+            if not isinstance(msg, Infer):
+                raise ProtocolError(f"data connection carries INFER only, got {msg.TYPE.name}")
+            await self._enqueue(msg)
+
+    async def _control_loop(self, chan: Channel) -> None:
+        self._control = chan
+        self._generation += 1
+        log.info("dispatcher %s connected", chan.peer)
+        while (msg := await chan.recv()) is not None:
+            match msg:
+                case Infer():
+                    await self._enqueue(msg)
+                case Load():
+                    await self._reply(chan, msg, self._on_load(msg))
+                case Configure():
+                    await self._reply(chan, msg, self._on_configure(msg))
+                case Stats():
+                    chan.write(Stats(request_id=msg.request_id, counters=self.stats()))
+                case Ping():
+                    chan.write(Pong(request_id=msg.request_id))
+                case Shutdown():
+                    await chan.send(Ack(request_id=msg.request_id, what="shutdown"))
+                    self.request_stop()
+                case _:
+                    raise ProtocolError(f"unexpected {msg.TYPE.name} on a control connection")
+
+    async def _reply(self, chan: Channel, msg: Message, action) -> None:
+        try:
+            what = await action
+        except DeferError as err:
+            await chan.send(Error(request_id=msg.request_id, reason=str(err), node=self.node_id))
+        else:
+            await chan.send(Ack(request_id=msg.request_id, what=what))
+
+    def _end_session(self) -> None:
+        log.info("dispatcher %s disconnected; dropping its chain", self._control.peer)
+        self._control, self._plan = None, None
+        self._generation += 1
+        if self._downstream is not None:
+            self._downstream.writer.close()
+            self._downstream = None
+
+    # --- control actions --------------------------------------------------------------------
+
+    async def _install(self, data: bytes | memoryview, sha: str) -> None:
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(self._executor, _load_session, bytes(data),
+                                             self.config.threads)
+        self._session, self._sha, self._plan = session, sha, None
+        log.info("loaded bundle %s (%d bytes)", sha[:12], len(data))
+
+    async def _on_load(self, msg: Load) -> str:
+        sha = sha256_bytes(msg.bundle)
+        if sha != msg.sha256:
+            raise ManifestError(f"pushed bundle hashes to {sha}, not the announced {msg.sha256}")
+        await self._install(msg.bundle, sha)
+        return "load"
+
+    async def _on_configure(self, msg: Configure) -> str:
+        if self._session is None:
+            raise ManifestError(f"node {self.node_id} has no bundle; push one with LOAD or "
+                                "start it with `defer serve BUNDLE`")
+        parse_codec(msg.codec)
+        inputs = {i.name for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        for what, names, pool in (("consumes", inputs, msg.receives),
+                                  ("forwards", msg.forward, msg.receives),
+                                  ("sends", msg.outputs, outputs)):
+            missing = set(names) - set(pool)
+            if missing:
+                raise ManifestError(f"stage {msg.stage}: bundle {what} {sorted(missing)} that "
+                                    "the plan does not provide; manifest and bundle disagree")
+        if self._downstream is not None:
+            await self._downstream.close()
+            self._downstream = None
+        if msg.next_hop != "dispatcher":
+            chan = await Channel.connect(msg.next_hop, self.config.connect_timeout)
+            await chan.handshake(Hello(node_id=self.node_id, role="upstream"),
+                                 self.config.connect_timeout)
+            self._downstream = chan
+        self._plan = msg
+        log.info("configured as stage %d/%d, next hop %s, codec %s", msg.stage, msg.n_stages,
+                 msg.next_hop, msg.codec)
+        return "configure"
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "node": self.node_id, "stage": self._plan.stage if self._plan else None,
+            "requests": c.requests, "errors": c.errors, "busy_s": c.busy_s,
+            "decode_s": c.decode_s, "encode_s": c.encode_s, "cpu_s": time.process_time(),
+            "wall_s": time.monotonic() - c.started, "bytes_in": dict(c.bytes_in),
+            "bytes_out": dict(c.bytes_out), "raw_out": c.raw_out, "queue_depth": self._compute_q.qsize(),
+            "queue_max": c.queue_max, "send_queue_depth": self._send_q.qsize(),
+        }
+
+    # --- the pipeline -----------------------------------------------------------------------
+
+    async def _enqueue(self, msg: Infer) -> None:
+        for t in msg.tensors:
+            self.counters.bytes_in[t.codec] += t.nbytes
+        await self._compute_q.put((self._generation, msg))
+        self.counters.queue_max = max(self.counters.queue_max, self._compute_q.qsize())
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            generation, msg = await self._compute_q.get()
+            plan, session = self._plan, self._session
+            if generation != self._generation or plan is None or session is None:
+                log.warning("dropping request %d: no chain configured", msg.request_id)
+                continue
+            self._in_worker += 1
+            try:
+                out = await loop.run_in_executor(self._executor, self._run_stage, plan,
+                                                 session, msg)
+            except DeferError as err:
+                self.counters.errors += 1
+                log.warning("request %d failed: %s", msg.request_id, err)
+                out = Error(request_id=msg.request_id, reason=str(err), node=self.node_id)
+            finally:
+                self._in_worker -= 1
+            await self._send_q.put((generation, out))
+
+    def _run_stage(self, plan: Configure, session: ort.InferenceSession, msg: Infer) -> Message:
+        """Worker thread: decode what onnxruntime consumes, run it, encode, add forwards."""
+        c, t0 = self.counters, time.perf_counter()
+        received = {t.name: t for t in msg.tensors}
+        if set(received) != set(plan.receives):
+            raise InputError(f"stage {plan.stage} expects tensors {sorted(plan.receives)}, "
+                             f"got {sorted(received)}")
+        feeds = {i.name: decode_tensor(received[i.name]) for i in session.get_inputs()}
+        t1 = time.perf_counter()
+        try:
+            arrays = session.run(list(plan.outputs), feeds)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's errors share no base class
+            raise NodeError(f"onnxruntime failed at stage {plan.stage}: {err}",
+                            node=self.node_id) from None
+        t2 = time.perf_counter()
+        codec = parse_codec(plan.codec)
+        tensors = [encode_tensor(name, a, codec) for name, a in zip(plan.outputs, arrays)]
+        tensors += [received[name] for name in plan.forward]
+        c.decode_s += t1 - t0
+        c.busy_s += t2 - t1
+        c.encode_s += time.perf_counter() - t2
+        c.requests += 1
+        last = plan.next_hop == "dispatcher"
+        return (Result if last else Infer)(request_id=msg.request_id, tensors=tuple(tensors))
+
+    async def _send_loop(self) -> None:
+        while True:
+            generation, msg = await self._send_q.get()
+            if generation != self._generation:
+                continue
+            to_dispatcher = isinstance(msg, Result | Error)
+            chan = self._control if to_dispatcher else self._downstream
+            if chan is None:
+                log.warning("dropping request %d: nowhere to send it", msg.request_id)
+                continue
+            try:
+                await chan.send(msg)
+            except OSError as err:
+                reason = f"next hop {chan.peer} unreachable: {err}"
+                log.error("request %d: %s", msg.request_id, reason)
+                if self._control is not None and not to_dispatcher:
+                    self._control.write(Error(request_id=msg.request_id, reason=reason,
+                                              node=self.node_id))
+                continue
+            if isinstance(msg, Infer | Result):
+                for t in msg.tensors:
+                    self.counters.bytes_out[t.codec] += t.nbytes
+                    self.counters.raw_out += raw_nbytes(t)
+
+
+def run_node(config: NodeConfig, on_ready: Callable[[str, int], None] | None = None) -> None:
+    """Run a node until SIGINT/SIGTERM/SHUTDOWN (pins to `config.cpu` first); returns cleanly."""
+    import signal
+
+    if config.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {config.threads}")
+    if config.cpu is not None:
+        allowed = os.sched_getaffinity(0)
+        if config.cpu not in allowed:
+            raise UsageError(f"--cpu {config.cpu} is not available; this process may use "
+                             f"cores {sorted(allowed)}")
+        os.sched_setaffinity(0, {config.cpu})
+
+    async def main() -> None:
+        node = Node(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.request_stop)
+        await node.serve(on_ready)
+
+    asyncio.run(main())
