@@ -26,6 +26,9 @@ from defer.units import format_bytes, parse_bandwidth, parse_size
               help="Link bandwidth, e.g. 100Mbit or 12.5MB/s.  [default: unlimited]")
 @click.option("--latency", type=float, default=0.0, show_default=True,
               help="Per-hop latency in milliseconds.")
+@click.option("--local-input", is_flag=True,
+              help="The dispatcher sits beside the first node: the model input does not cross "
+                   "a --bandwidth-limited link.")
 @click.option("--speeds", default=None, metavar="S0,S1,...",
               help="Relative speed of each node in chain order, e.g. 2,1,1.  [default: all 1]")
 @click.option("--memory", default=None, metavar="SIZE",
@@ -39,7 +42,7 @@ from defer.units import format_bytes, parse_bandwidth, parse_size
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative error accepted by --verify.")
-def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency, speeds, memory,
+def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency, local_input, speeds, memory,
                     batch, profile, codec, verify, tolerance):
     """Cut MODEL (.onnx, .h5, .keras or a SavedModel folder) into balanced ONNX stages."""
     from defer.compiler import compile_model, load_model
@@ -55,7 +58,7 @@ def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency
         loaded, n_stages, out_dir, strategy=strategy, cuts=cuts,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
         speeds=speed_list, memory=parse_size(memory) if memory else None,
-        latency=latency / 1e3, batch=batch, profile=profile, codec=codec)
+        latency=latency / 1e3, local_input=local_input, batch=batch, profile=profile, codec=codec)
     click.echo(render_plan(manifest))
     if verify:
         fidelity = verify_chain(manifest, loaded, batch=batch, tolerance=tolerance)

@@ -43,6 +43,7 @@ def compile_model(
     speeds: Sequence[float] | None = None,
     memory: float | None = None,
     latency: float = 0.0,
+    local_input: bool = False,
     batch: int = 1,
     profile: bool = True,
     profile_runs: int = 10,
@@ -60,7 +61,7 @@ def compile_model(
         raise PlanError(f"-n {n_stages} is more stages than the model has nodes "
                         f"({info.n_nodes}); pass -n {info.n_nodes} or fewer")
     costs = profile_costs(info, runs=profile_runs) if profile else estimate_costs(info)
-    problem = build_problem(info, costs, n_stages, speeds, bandwidth, latency, memory)
+    problem = build_problem(info, costs, n_stages, speeds, bandwidth, latency, memory, local_input)
     plan = _choose_plan(info, problem, strategy, cuts)
     baseline = equal_layers(problem)
     log.info("plan: %r", plan)
@@ -98,11 +99,15 @@ def verify(manifest: Manifest, model: str | Path | onnx.ModelProto | LoadedModel
 
 def build_problem(info: GraphInfo, costs: np.ndarray, n_stages: int,
                   speeds: Sequence[float] | None = None, bandwidth: float | None = None,
-                  latency: float = 0.0, memory: float | None = None) -> Problem:
+                  latency: float = 0.0, memory: float | None = None,
+                  local_input: bool = False) -> Problem:
     """The partitioning problem of `info`: costs, bytes at every cut, memory per segment."""
     cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_nodes + 1)], dtype=float)
+    link_bytes = cut_bytes.copy()
+    if local_input:
+        link_bytes[0] = 0.0
     return Problem(
-        compute=np.asarray(costs, dtype=float), cut_bytes=cut_bytes,
+        compute=np.asarray(costs, dtype=float), cut_bytes=link_bytes,
         speeds=list(speeds) if speeds else [1.0] * n_stages,
         bandwidth=bandwidth, latency=latency,
         memory=_memory_matrix(info, cut_bytes) if memory else None, memory_cap=memory,
@@ -193,6 +198,7 @@ def _plan_record(plan: Plan, problem: Problem, baseline: Plan, profiled: bool, b
         "strategy": plan.strategy, "n_stages": len(plan.stage_times), "batch": batch,
         "cost_source": "profile" if profiled else "estimate",
         "bandwidth": problem.bandwidth, "latency": problem.latency, "speeds": problem.speeds,
+        "local_input": bool(problem.cut_bytes[0] == 0),
         "memory_cap": memory, "bounds": plan.bounds,
         **_plan_figures(plan, batch),
         "baselines": {"layers": {"bounds": baseline.bounds, **_plan_figures(baseline, batch)}},
