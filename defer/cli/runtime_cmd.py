@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
 READY_PREFIX = "defer node listening on"
+CODEC_HELP = "raw, lz4, zfp, zfp:<tol>, zfp+lz4"
 
 
 @click.command("serve")
@@ -36,4 +38,101 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
     run_node(NodeConfig(host=host, port=port, bundle=bundle, threads=threads, cpu=cpu), ready)
 
 
-COMMANDS = [serve]
+@click.command("dispatch")
+@click.option("--manifest", "manifest_path", required=True,
+              type=click.Path(exists=True, path_type=Path),
+              help="manifest.json, or the bundle folder holding it.")
+@click.option("--nodes", required=True, metavar="H:P,H:P,...",
+              help="Node addresses in stage order, comma-separated.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path), default=None,
+              help="x.npy or x.npz (one array per input name); one input or a stack along a "
+                   "new first axis.  [default: seeded random inputs]")
+@click.option("--count", type=int, default=None,
+              help="Inferences to run; cycles through --input.  [default: the --input count, "
+                   "else 100]")
+@click.option("--inflight", type=int, default=None,
+              help="Requests in flight.  [default: max(8, 2 x stages)]")
+@click.option("--codec", default=None,
+              help=f"Codec on every hop ({CODEC_HELP}).  [default: the manifest's]")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Save outputs to this .npz (one stacked array per output).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the report as JSON here.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds any wait may take before failing with a named node.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
+def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
+             inflight: int | None, codec: str | None, output_path: Path | None,
+             report_path: Path | None, timeout: float, seed: int) -> None:
+    """Stream inputs through a chain of running `defer serve` nodes and report."""
+    from defer.errors import UsageError
+    from defer.manifest import load_manifest
+    from defer.runtime.dispatcher import Dispatcher
+    from defer.runtime.inputs import load_inputs, random_inputs, save_outputs
+    from defer.runtime.report import format_report
+
+    manifest = load_manifest(manifest_path)
+    if count is not None and count < 1:
+        raise UsageError(f"--count {count}: need at least 1")
+    if input_path is not None:
+        samples = load_inputs(input_path, manifest)
+        count = count or len(samples)
+        samples = [samples[i % len(samples)] for i in range(count)]
+    else:
+        samples = random_inputs(manifest, count or 100, seed)
+    addresses = [a.strip() for a in nodes.split(",") if a.strip()]
+    with Dispatcher(manifest, addresses, codec=codec, inflight=inflight,
+                    timeout=timeout) as dispatcher:
+        outputs = list(dispatcher.map(samples))
+        stats = dispatcher.stats()
+    if output_path is not None:
+        save_outputs(output_path, outputs)
+    click.echo(format_report(stats))
+    if report_path is not None:
+        report_path.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+@click.command("run")
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("-n", "--nodes", "n_stages", type=int, default=None,
+              help="Nodes (= stages) to start.  [default: 4, or the bundle folder's count]")
+@click.option("--count", type=int, default=100, show_default=True, help="Inferences to run.")
+@click.option("--codec", default=None,
+              help=f"Codec on every hop ({CODEC_HELP}).  [default: the manifest's, raw]")
+@click.option("--inflight", type=int, default=None,
+              help="Requests in flight.  [default: max(8, 2 x stages)]")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Keep the compiled bundles here.  [default: a temp folder]")
+@click.option("--profile/--no-profile", default=True, show_default=True,
+              help="Cost the model with onnxruntime's profiler, or a FLOP estimate.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds any wait may take before failing with a named node.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write the report as JSON here.")
+def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
+        inflight: int | None, out_dir: Path | None, profile: bool, timeout: float,
+        report_path: Path | None) -> None:
+    """Run MODEL (a model file or bundle folder; default: the built-in ResNet50) on a local
+    chain of nodes, one per core, and compare with one process."""
+    from defer.errors import UsageError
+    from defer.runtime.cluster import run_local
+    from defer.runtime.report import format_report
+
+    if count < 1:
+        raise UsageError(f"--count {count}: need at least 1")
+    report = run_local(model, n_stages, count=count, codec=codec, inflight=inflight,
+                       timeout=timeout, out_dir=out_dir, profile=profile)
+    click.echo(format_report(report["chain"], title=f"chain of {report['n_stages']} nodes"))
+    single, fid = report["single"], report["fidelity"]
+    click.echo(f"single process ({single['reference']}, 1 thread): "
+               f"{single['throughput']:.1f} inferences/s, latency p50 "
+               f"{single['latency_ms']['p50']:.2f} ms")
+    click.echo(f"speed-up {report['speedup']:.2f}x; fidelity: max abs error "
+               f"{fid['max_abs']:.3g}, max relative error {fid['max_rel']:.3g} "
+               f"(codec bound per hop {fid['codec_bound_per_hop']:g})")
+    if report_path is not None:
+        report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+COMMANDS = [serve, dispatch, run]

@@ -136,11 +136,14 @@ class Dispatcher:
     def shutdown_nodes(self) -> None:
         """Ask every node to drain and exit (SHUTDOWN); nodes that are gone are skipped."""
         self._closing = True
+        if self._broken is not None:
+            log.info("not sending SHUTDOWN: %s", self._broken)
+            return
         for chan in self._chans:
             try:
-                self._control(chan, Shutdown(drain=True), timeout=self.timeout)
+                self._control(chan, Shutdown(drain=True), timeout=min(self.timeout, 5.0))
             except DeferError as err:
-                log.info("node %s did not confirm SHUTDOWN: %s", chan.peer, err)
+                log.warning("node %s did not confirm SHUTDOWN: %s", chan.peer, err)
 
     async def _main(self, started: concurrent.futures.Future) -> None:
         self._loop = asyncio.get_running_loop()
@@ -257,9 +260,12 @@ class Dispatcher:
             error = NodeError(f"node {chan.peer} closed the connection", node=chan.peer)
         except (ProtocolError, OSError) as err:
             error = NodeError(f"node {chan.peer}: {err}", node=chan.peer)
+        if self._closing:  # nodes leave after SHUTDOWN; the others' replies still count
+            log.info("%s", error)
+            return
         if self._broken is None:
             self._broken = error
-            log.log(logging.INFO if self._closing else logging.ERROR, "%s", error)
+            log.error("%s", error)
         self._fail_all(error)
 
     def _on_message(self, chan: Channel, msg: Message) -> None:

@@ -195,9 +195,7 @@ class Node:
             hello = await asyncio.wait_for(chan.recv(), self.config.connect_timeout)
             check_hello(hello, chan.peer)
             if hello.role == "dispatcher" and self._control is not None:
-                await chan.send(Error(reason=f"node {self.node_id} already serves dispatcher "
-                                      f"{self._control.peer}", node=self.node_id))
-                return
+                self._replace_dispatcher(chan)
             await chan.send(Hello(node_id=self.node_id, role="node", bundle_sha256=self._sha))
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
@@ -247,6 +245,14 @@ class Node:
             await chan.send(Error(request_id=msg.request_id, reason=str(err), node=self.node_id))
         else:
             await chan.send(Ack(request_id=msg.request_id, what=what))
+
+    def _replace_dispatcher(self, chan: Channel) -> None:
+        # The newest dispatcher wins: the old one is gone or about to be (closing races ours).
+        old = self._control
+        log.warning("dispatcher %s replaces %s", chan.peer, old.peer)
+        old.write(Error(reason=f"replaced by dispatcher {chan.peer}", node=self.node_id))
+        old.writer.close()
+        self._end_session()
 
     def _end_session(self) -> None:
         log.info("dispatcher %s disconnected; dropping its chain", self._control.peer)

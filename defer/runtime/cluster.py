@@ -1,0 +1,279 @@
+# A local cluster on loopback (`defer run`): start N `defer serve` processes (port 0, each pinned
+# to a core, one onnxruntime thread), wait for their ready lines (never a fixed sleep), dispatch,
+# and compare with one onnxruntime session of the whole model: fidelity and throughput side by
+# side. Every process is stopped on exit, error or Ctrl-C: SHUTDOWN, then terminate, then kill.
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defer.errors import StartupError, UsageError
+from defer.manifest import MANIFEST_NAME, Manifest, load_manifest
+from defer.runtime.codecs import max_abs_error, parse_codec
+from defer.runtime.dispatcher import Dispatcher
+from defer.runtime.inputs import Sample, random_inputs
+from defer.runtime.report import percentiles_ms
+
+log = logging.getLogger(__name__)
+
+READY_PREFIX = "defer node listening on "
+
+
+@dataclass
+class NodeProcess:
+    """A running `defer serve` subprocess and the address it listens on."""
+
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
+               cpu: int | None = None, threads: int = 1, log_path: str | Path | None = None,
+               timeout: float = 60.0) -> NodeProcess:
+    """Start `python -m defer serve` and return once it printed its ready line.
+
+    stderr (the node's log) goes to `log_path` (a temp file by default). StartupError, with the
+    log's tail, if it exits or stays silent for `timeout` seconds.
+    """
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="defer-node-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    log_path = Path(log_path)
+    args = [sys.executable, "-m", "defer", "serve", "--host", host, "--port", str(port),
+            "--threads", str(threads)]
+    if cpu is not None:
+        args += ["--cpu", str(cpu)]
+    if bundle is not None:
+        args.append(str(bundle))
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
+                                   stdin=subprocess.DEVNULL)
+    node = NodeProcess(process, "", log_path)
+    try:
+        node.address = _wait_ready(process, timeout)
+    except BaseException:
+        stop_processes([node], timeout=5)
+        raise
+    return node
+
+
+def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while b"\n" not in buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartupError(f"node (pid {process.pid}) printed no ready line within "
+                                   f"{timeout:g} s")
+            if not selector.select(left):
+                continue
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                raise StartupError(f"node (pid {process.pid}) exited with code "
+                                   f"{process.wait()} before it was ready")
+            buffer += chunk
+    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+    if not line.startswith(READY_PREFIX):
+        raise StartupError(f"node (pid {process.pid}) printed {line!r}, not a ready line")
+    return line[len(READY_PREFIX):].strip()
+
+
+def stop_processes(nodes: list[NodeProcess], timeout: float = 10.0) -> None:
+    """Wait for each node to exit (after SHUTDOWN); terminate, then kill, the stragglers."""
+    deadline = time.monotonic() + timeout
+    for signal_step in ("wait", "terminate", "kill"):
+        for node in nodes:
+            if node.process.poll() is not None:
+                continue
+            if signal_step == "terminate":
+                node.process.terminate()
+            elif signal_step == "kill":
+                node.process.kill()
+            try:
+                node.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("node pid %d did not %s in time", node.process.pid, signal_step)
+        deadline = time.monotonic() + 5.0
+    for node in nodes:
+        if node.process.stdout is not None:
+            node.process.stdout.close()
+
+
+@dataclass
+class LocalCluster:
+    """N node processes serving a manifest's stages on loopback; a context manager.
+
+    Node i is pinned to core i % cpu_count with `threads` onnxruntime threads each.
+    """
+
+    manifest: Manifest
+    threads: int = 1
+    pin: bool = True
+    log_dir: Path | None = None
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    def __enter__(self) -> LocalCluster:
+        cores = sorted(os.sched_getaffinity(0))
+        try:
+            for stage in self.manifest.stages:
+                log_path = (self.log_dir / f"node_{stage.index}.log") if self.log_dir else None
+                self.nodes.append(start_node(
+                    self.manifest.bundle_path(stage.index), threads=self.threads,
+                    cpu=cores[stage.index % len(cores)] if self.pin else None,
+                    log_path=log_path))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [n.address for n in self.nodes]
+
+    def close(self, dispatcher: Dispatcher | None = None) -> None:
+        """SHUTDOWN through `dispatcher` if given, then wait/terminate/kill every process."""
+        if dispatcher is not None:
+            dispatcher.shutdown_nodes()
+        stop_processes(self.nodes, timeout=10.0 if dispatcher else 0.0)
+
+
+def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
+                  profile: bool = True) -> tuple[Manifest, Any]:
+    """(manifest, whole ONNX model or None) for a model file, a bundle dir or the example."""
+    if model is None:
+        from defer.examples import example_model
+
+        model = example_model("resnet50")
+    path = Path(model)
+    if (path / MANIFEST_NAME).exists() or path.name == MANIFEST_NAME:
+        manifest = load_manifest(path)
+        if n_stages is not None and n_stages != len(manifest.stages):
+            raise UsageError(f"{path} holds {len(manifest.stages)} stages, not -n {n_stages}; "
+                             "drop -n or recompile")
+        return manifest, _find_whole_model(manifest)
+    if not path.exists():
+        raise UsageError(f"{path}: no such model file or bundle directory")
+    from defer.compiler import compile_model, load_model
+
+    loaded = load_model(path)
+    compile_model(loaded, n_stages or 4, out_dir, profile=profile)
+    return load_manifest(out_dir), loaded.model
+
+
+def _find_whole_model(manifest: Manifest) -> Any:
+    source = manifest.model.get("source", "")
+    base = manifest.path.parent if manifest.path else Path(".")
+    for candidate in (base / source, base.parent / source):
+        if source and candidate.suffix == ".onnx" and candidate.is_file():
+            import onnx
+
+            return onnx.load(str(candidate))
+    return None
+
+
+def run_local(model: str | Path | None = None, n_stages: int | None = None, count: int = 100,
+              codec: str | None = None, inflight: int | None = None, timeout: float = 60.0,
+              seed: int = 0, out_dir: str | Path | None = None, profile: bool = True,
+              warmup: int = 5) -> dict[str, Any]:
+    """Compile (if needed), run a local chain, compare with one process; return the report."""
+    if codec is not None:
+        parse_codec(codec)
+    with tempfile.TemporaryDirectory(prefix="defer-run-") as tmp:
+        bundles = Path(out_dir) if out_dir else Path(tmp) / "bundles"
+        manifest, whole = resolve_model(model, n_stages, bundles, profile=profile)
+        samples = random_inputs(manifest, count + warmup, seed)
+        single = _single_process(manifest, whole, samples, warmup)
+        with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
+            dispatcher = Dispatcher(manifest, cluster.addresses, codec=codec, inflight=inflight,
+                                    timeout=timeout)
+            try:
+                list(dispatcher.map(samples[:warmup]))
+                dispatcher.reset_stats()
+                outputs = list(dispatcher.map(samples[warmup:]))
+                chain = dispatcher.stats()
+            finally:
+                cluster.close(dispatcher)
+                dispatcher.close()
+    worst_abs, worst_rel = fidelity(outputs, single.pop("outputs"))
+    hop_codecs = dispatcher.hop_codecs
+    return {
+        "model": manifest.model.get("name", ""), "n_stages": len(manifest.stages),
+        "count": count, "codecs": hop_codecs, "chain": chain, "single": single,
+        "speedup": chain["throughput"] / single["throughput"] if single["throughput"] else 0.0,
+        "fidelity": {"max_abs": worst_abs, "max_rel": worst_rel,
+                     "codec_bound_per_hop": max(max_abs_error(c) for c in hop_codecs)},
+    }
+
+
+def _single_process(manifest: Manifest, whole: Any, samples: list[Sample],
+                    warmup: int) -> dict[str, Any]:
+    """One session, one thread, pinned to one core like a node: the reference and baseline."""
+    from defer.runtime.node import make_session
+
+    names = [s.name for s in manifest.outputs]
+    if whole is not None:
+        sessions, label = [make_session(whole.SerializeToString(), 1)], "whole model"
+    else:
+        sessions = [make_session(str(manifest.bundle_path(s.index)), 1) for s in manifest.stages]
+        label = "bundles in sequence (whole model not found)"
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        outputs, latencies = [], []
+        for i, sample in enumerate(samples):
+            start = time.perf_counter()
+            out = _run_sequence(manifest, sessions, sample) if len(sessions) > 1 else \
+                dict(zip(names, sessions[0].run(names, sample)))
+            if i >= warmup:
+                latencies.append(time.perf_counter() - start)
+                outputs.append(out)
+    finally:
+        os.sched_setaffinity(0, cores)
+    total = sum(latencies)
+    return {"reference": label, "throughput": len(latencies) / total if total else 0.0,
+            "latency_ms": percentiles_ms(latencies), "outputs": outputs}
+
+
+def _run_sequence(manifest: Manifest, sessions: list, sample: Sample) -> Sample:
+    received = dict(sample)
+    for stage, session in zip(manifest.stages, sessions):
+        names = [t.name for t in stage.outputs]
+        produced = dict(zip(names, session.run(names, {t.name: received[t.name]
+                                                       for t in stage.inputs})))
+        received = {n: produced.get(n, received.get(n)) for n in stage.sends}
+    return received
+
+
+def fidelity(outputs: list[Sample], reference: list[Sample]) -> tuple[float, float]:
+    """Worst absolute error and worst error relative to the output's largest magnitude."""
+    worst_abs = worst_rel = 0.0
+    for got, want in zip(outputs, reference):
+        for name, ref in want.items():
+            err = float(np.max(np.abs(got[name].astype(np.float64) - ref))) if ref.size else 0.0
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            worst_abs = max(worst_abs, err)
+            worst_rel = max(worst_rel, err / scale if scale else err)
+    return worst_abs, worst_rel
