@@ -117,6 +117,14 @@ class WireTensor:
         return len(self.data) if not isinstance(self.data, memoryview) else self.data.nbytes
 
 
+def raw_nbytes(tensor: WireTensor) -> int:
+    """Bytes the tensor takes decoded (what the raw codec would send)."""
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    return count * DTYPES[tensor.dtype]
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Base:
     TYPE: ClassVar[MsgType]
@@ -325,6 +333,8 @@ def encode_parts(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | 
     """The frame as a list of buffers (tensor payloads are not copied): write them in order."""
     wire = {name: getattr(msg, name) for name in msg.WIRE}
     segments = msg._segments()
+    if len(segments) > limits.segments:
+        raise ProtocolError(f"{len(segments)} segments, over the limit of {limits.segments}")
     for desc, _ in segments:
         if desc["size"] > limits.tensor and "dtype" in desc:
             raise ProtocolError(f"tensor {desc['name']!r} has {desc['size']} bytes, "

@@ -1,0 +1,237 @@
+# The wire protocol, h11 style: one table of messages shared by encoder and decoder tests; each
+# round-trips fed whole, byte by byte and with trailing bytes; random and mutated bytes give
+# ProtocolError and nothing else; a clean EOF is not an error, a truncated frame is.
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from defer.errors import ProtocolError
+from defer.runtime import protocol as p
+
+
+def _tensor(name: str, array: np.ndarray, codec: str = "raw") -> p.WireTensor:
+    return p.WireTensor(name=name, dtype=array.dtype.name, shape=array.shape, codec=codec,
+                        data=array.tobytes())
+
+
+CASES: list[p.Message] = [
+    p.Hello(node_id="127.0.0.1:7000", role="node", bundle_sha256="ab" * 32),
+    p.Hello(role="dispatcher", challenge="c0ffee", response=None),
+    p.Load(sha256="00" * 32, bundle=b"\x08\x07onnx-bytes" * 3),
+    p.Configure(stage=1, n_stages=3, next_hop="127.0.0.1:7002", codec="zfp:0.01+lz4",
+                receives=("r1",), forward=("r1",), outputs=("h2",)),
+    p.Ack(request_id=4, what="configure"),
+    p.Infer(request_id=7, tensors=(
+        _tensor("x", np.arange(12, dtype=np.float32).reshape(1, 3, 4)),
+        _tensor("idx", np.array([3, 1, 2], dtype=np.int64)),
+        _tensor("flag", np.array(True)),
+        _tensor("odd", np.zeros((0, 5), dtype=np.float16)))),
+    p.Result(request_id=2**63 - 1, tensors=(_tensor("y", np.ones((2, 3), np.float64)),)),
+    p.Error(request_id=9, reason="onnxruntime failed: bad shape", node="127.0.0.1:7001"),
+    p.Stats(request_id=3),
+    p.Stats(request_id=3, counters={"requests": 5, "bytes_in": {"raw": 10}, "busy_s": 0.5}),
+    p.Ping(request_id=11),
+    p.Pong(request_id=11),
+    p.Shutdown(drain=False),
+]
+IDS = [f"{i}-{type(m).__name__}" for i, m in enumerate(CASES)]
+
+
+def _decode_all(decoder: p.Decoder) -> list[p.Message]:
+    return list(iter(decoder.next, None))
+
+
+def _same(a: p.Message, b: p.Message) -> bool:
+    # Payloads come back as memoryviews; dataclass equality compares their bytes.
+    return a == b
+
+
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_encoded_frame_follows_the_documented_layout(msg):
+    frame = p.encode(msg)
+    magic, version, mtype, flags, rid, meta_len, n_seg, payload_len = struct.unpack_from(
+        "<4sBBHQIIQ", frame)
+    assert (magic, version, mtype, flags, rid) == (b"DEFR", 1, msg.TYPE, 0, msg.request_id)
+    assert meta_len % 8 == 0 and len(frame) == 32 + meta_len + payload_len
+    meta = json.loads(frame[32: 32 + meta_len])
+    assert len(meta["s"]) == n_seg
+
+
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_round_trip_whole(msg):
+    decoder = p.Decoder()
+    decoder.feed(p.encode(msg))
+    decoder.feed_eof()
+    assert [_same(m, msg) for m in _decode_all(decoder)] == [True]
+    assert decoder.eof
+
+
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_round_trip_byte_by_byte(msg):
+    decoder = p.Decoder()
+    frame = p.encode(msg)
+    got = []
+    for i in range(len(frame)):
+        decoder.feed(frame[i: i + 1])
+        got += _decode_all(decoder)
+        assert len(got) == (1 if i == len(frame) - 1 else 0)
+    assert _same(got[0], msg)
+
+
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_round_trip_with_trailing_bytes(msg):
+    frame = p.encode(msg)
+    decoder = p.Decoder()
+    decoder.feed(frame + frame[:5])
+    assert [_same(m, msg) for m in _decode_all(decoder)] == [True]
+    decoder.feed(frame[5:])
+    assert [_same(m, msg) for m in _decode_all(decoder)] == [True]
+
+
+def test_every_message_back_to_back_in_one_feed():
+    decoder = p.Decoder()
+    decoder.feed(b"".join(p.encode(m) for m in CASES))
+    decoder.feed_eof()
+    assert _decode_all(decoder) == CASES
+
+
+def test_tensor_payloads_are_aligned_views():
+    decoder = p.Decoder()
+    decoder.feed(p.encode(CASES[5]))
+    msg = decoder.next()
+    for tensor in msg.tensors:
+        view = np.frombuffer(tensor.data, dtype=tensor.dtype)
+        assert view.ctypes.data % 8 == 0 or view.size == 0
+
+
+def test_clean_eof_is_not_an_error_but_truncation_is():
+    decoder = p.Decoder()
+    decoder.feed_eof()
+    assert decoder.next() is None and decoder.eof
+    frame = p.encode(CASES[0])
+    for cut in (1, 31, 32, len(frame) - 1):
+        decoder = p.Decoder()
+        decoder.feed(frame[:cut])
+        assert decoder.next() is None
+        decoder.feed_eof()
+        with pytest.raises(ProtocolError, match="closed inside"):
+            decoder.next()
+
+
+def test_version_is_checked_before_anything_else():
+    frame = bytearray(p.encode(CASES[0]))
+    frame[4] = 2
+    frame[5] = 250  # an unknown type too: the version must be what is reported
+    decoder = p.Decoder()
+    decoder.feed(bytes(frame))
+    with pytest.raises(ProtocolError, match="protocol version 2"):
+        decoder.next()
+
+
+def test_a_broken_decoder_stays_broken():
+    decoder = p.Decoder()
+    decoder.feed(b"XXXX" + bytes(28) + p.encode(CASES[0]))
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="magic"):
+            decoder.next()
+
+
+@pytest.mark.parametrize("limits, msg, match", [
+    (p.Limits(metadata=64), CASES[3], "metadata"),
+    (p.Limits(tensor=16), CASES[5], "tensor|segment"),
+    (p.Limits(frame=100), CASES[2], "frame"),
+    (p.Limits(segments=2), CASES[5], "segments"),
+])
+def test_limits_are_enforced_on_both_sides(limits, msg, match):
+    with pytest.raises(ProtocolError, match=match):
+        p.encode(msg, limits)
+    decoder = p.Decoder(limits)
+    decoder.feed(p.encode(msg))
+    with pytest.raises(ProtocolError, match=match):
+        decoder.next()
+
+
+def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = None,
+           raw_meta: bytes | None = None) -> bytes:
+    body = raw_meta if raw_meta is not None else json.dumps(meta).encode()
+    body += b" " * (-len(body) % 8)
+    segs = n_seg if n_seg is not None else len(meta.get("s", [])) if isinstance(meta, dict) else 0
+    return struct.pack("<4sBBHQIIQ", b"DEFR", 1, mtype, 0, 1, len(body), segs,
+                       len(payload)) + body + payload
+
+
+@pytest.mark.parametrize("frame, match", [
+    (_frame(1, {"f": {}, "s": []}), "lacks field"),
+    (_frame(1, {"f": {"version": "1", "node_id": "", "role": "x", "bundle_sha256": None,
+                      "challenge": None, "response": None}, "s": []}), "non-negative integer"),
+    (_frame(11, {"f": {"drain": 1}, "s": []}), "true or false"),
+    (_frame(11, [], n_seg=0), "object"),
+    (_frame(11, None, raw_meta=b"\xff\xfe"), "UTF-8 JSON"),
+    (_frame(11, None, raw_meta=b"[" * 5000 + b"]" * 5000), "UTF-8 JSON|object"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "object", "shape": [1], "codec": "raw",
+                               "inner": 0, "size": 8}]}, bytes(8)), "dtype"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [-1],
+                               "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "integer"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2**31] * 3,
+                               "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "large"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
+                               "inner": 0, "size": 16}]}, bytes(8)), "overruns"),
+    (_frame(5, {"f": {}, "s": [{"size": 8}]}, bytes(16)), "lacks|match"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
+                               "inner": 0, "size": 8}] * 2}, bytes(16)), "duplicate"),
+    (_frame(2, {"f": {"sha256": "x"}, "s": []}), "exactly one"),
+    (_frame(9, {"f": {}, "s": [{"size": 0}]}), "no payload"),
+    (_frame(1, {"f": {}, "s": []}, n_seg=3), "announces"),
+])
+def test_malformed_frames_raise_protocol_error(frame, match):
+    decoder = p.Decoder()
+    decoder.feed(frame)
+    with pytest.raises(ProtocolError, match=match):
+        decoder.next()
+
+
+def _parse_everything(data: bytes, chunk: int) -> None:
+    decoder = p.Decoder(p.Limits(metadata=4096, tensor=1 << 16, frame=1 << 18, segments=64))
+    try:
+        for i in range(0, len(data), chunk):
+            decoder.feed(data[i: i + chunk])
+            while decoder.next() is not None:
+                pass
+        decoder.feed_eof()
+        while decoder.next() is not None:
+            pass
+    except ProtocolError:
+        pass
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.integers(1, 64))
+def test_random_bytes_parse_or_raise_protocol_error(data, chunk):
+    _parse_everything(data, chunk)
+
+
+@FUZZ
+@given(st.sampled_from(range(len(CASES))), st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(1, 64))
+def test_mutated_frames_parse_or_raise_protocol_error(index, mutations, chunk):
+    frame = bytearray(p.encode(CASES[index]))
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    _parse_everything(bytes(frame), chunk)
+
+
+@FUZZ
+@given(st.sampled_from(range(len(CASES))), st.integers(0, 200), st.binary(max_size=40))
+def test_truncated_or_spliced_frames_parse_or_raise_protocol_error(index, cut, junk):
+    frame = p.encode(CASES[index])
+    _parse_everything(frame[: len(frame) - cut % len(frame)] + junk, 7)
