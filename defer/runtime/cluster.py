@@ -4,6 +4,7 @@
 # side. Every process is stopped on exit, error or Ctrl-C: SHUTDOWN, then terminate, then kill.
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -70,7 +71,7 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
     try:
         node.address = _wait_ready(process, timeout)
     except BaseException:
-        stop_processes([node], timeout=5)
+        stop_processes([node])
         raise
     return node
 
@@ -98,22 +99,21 @@ def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
     return line[len(READY_PREFIX):].strip()
 
 
-def stop_processes(nodes: list[NodeProcess], timeout: float = 10.0) -> None:
-    """Wait for each node to exit (after SHUTDOWN); terminate, then kill, the stragglers."""
-    deadline = time.monotonic() + timeout
-    for signal_step in ("wait", "terminate", "kill"):
+def stop_processes(nodes: list[NodeProcess], wait: float = 0.0) -> None:
+    """Stop node processes: give them `wait` s to exit on their own (after SHUTDOWN), then
+    SIGTERM (they drain and exit 0) for up to 10 s, then SIGKILL. No process outlives this."""
+    for step, grace in (("exit", wait), ("terminate", 10.0), ("kill", 5.0)):
+        deadline = time.monotonic() + grace
         for node in nodes:
             if node.process.poll() is not None:
                 continue
-            if signal_step == "terminate":
+            if step == "terminate":
                 node.process.terminate()
-            elif signal_step == "kill":
+            elif step == "kill":
+                log.warning("node pid %d ignored SIGTERM; killing it", node.process.pid)
                 node.process.kill()
-            try:
-                node.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("node pid %d did not %s in time", node.process.pid, signal_step)
-        deadline = time.monotonic() + 5.0
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.process.wait(max(0.0, deadline - time.monotonic()))
     for node in nodes:
         if node.process.stdout is not None:
             node.process.stdout.close()
@@ -157,7 +157,7 @@ class LocalCluster:
         """SHUTDOWN through `dispatcher` if given, then wait/terminate/kill every process."""
         if dispatcher is not None:
             dispatcher.shutdown_nodes()
-        stop_processes(self.nodes, timeout=10.0 if dispatcher else 0.0)
+        stop_processes(self.nodes, wait=10.0 if dispatcher else 0.0)
 
 
 def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,

@@ -128,6 +128,7 @@ class Dispatcher:
         """Close every connection and join the loop thread. The nodes keep running."""
         if self._thread is None:
             return
+        self._closing = True
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._commands.put_nowait, (None, None))
         self._thread.join(self.timeout)

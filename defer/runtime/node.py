@@ -127,11 +127,12 @@ class Node:
         try:
             if self.config.bundle is not None:
                 await self._load_file(self.config.bundle)
+            server = await self._listen()  # outside the group: a StartupError stays itself
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                server = await self._listen()
                 self._spawn(self._compute_loop())
                 self._spawn(self._send_loop())
+                await server.start_serving()
                 host, port = server.sockets[0].getsockname()[:2]
                 self.node_id = f"{host}:{port}"
                 log.info("node %s listening (bundle %s)", self.node_id, self._sha or "none yet")
@@ -156,7 +157,7 @@ class Node:
     async def _listen(self) -> asyncio.Server:
         try:
             return await asyncio.start_server(self._on_connect, self.config.host,
-                                              self.config.port)
+                                              self.config.port, start_serving=False)
         except OSError as err:
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
                                f"{err.strerror or err}; pick another --port (0 = any free)") from None
