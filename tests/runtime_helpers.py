@@ -82,7 +82,8 @@ def compile_tiny(model: onnx.ModelProto, out_dir: Path, n_stages: int = 3,
     """Compile with the FLOP estimate (fast) and save the whole model next to the bundles."""
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_dir / "whole.onnx"))
-    compile_model(model, None if cuts else n_stages, out_dir, cuts=cuts, profile=False)
+    compile_model(out_dir / "whole.onnx", None if cuts else n_stages, out_dir, cuts=cuts,
+                  profile=False)
     return load_manifest(out_dir)
 
 
