@@ -233,3 +233,71 @@ def test_dispatch_random_inputs_and_unreachable_node_exit_codes(residual, chain,
     result = CliRunner().invoke(main, ["dispatch", "--manifest", str(manifest.path), "--nodes",
                                        f"{absent},{chain[1]},{chain[2]}", "--count", "5"])
     assert result.exit_code == 1 and absent in result.output
+
+
+class _BlackHoleNode:
+    """A fake node that completes HELLO/CONFIGURE/STATS/PING like a real one but never answers
+    INFER: the dispatcher must time out naming it, not hang."""
+
+    def __init__(self, sha256: str):
+        from defer.runtime import protocol as p
+
+        self.p, self.sha256 = p, sha256
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.threads = [threading.Thread(target=self._serve) for _ in range(2)]
+        for thread in self.threads:  # the dispatcher's connection and the upstream node's
+            thread.start()
+
+    def _serve(self) -> None:
+        p = self.p
+        try:
+            conn, _ = self.server.accept()
+        except OSError:  # closed before anyone came
+            return
+        decoder = p.Decoder()
+        with conn:
+            while data := conn.recv(65536):
+                decoder.feed(data)
+                while (msg := decoder.next()) is not None:
+                    reply = {p.Hello: lambda m: p.Hello(bundle_sha256=self.sha256),
+                             p.Configure: lambda m: p.Ack(request_id=m.request_id, what="c"),
+                             p.Stats: lambda m: p.Stats(request_id=m.request_id, counters={}),
+                             p.Ping: lambda m: p.Pong(request_id=m.request_id)}.get(type(msg))
+                    if reply is not None:
+                        conn.sendall(p.encode(reply(msg)))
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def test_a_node_that_swallows_requests_times_out_naming_it(residual, chain):
+    _, manifest = residual
+    fake = _BlackHoleNode(manifest.stages[2].sha256)
+    try:
+        with Dispatcher(manifest, [chain[0], chain[1], fake.address], timeout=1.0) as dispatcher:
+            start = time.monotonic()
+            with pytest.raises(DeferTimeoutError, match=f"last node {fake.address}") as err:
+                dispatcher.infer(np.zeros((1, 16), np.float32))
+            assert err.value.node == fake.address and time.monotonic() - start < 10
+    finally:
+        fake.close()
+
+
+def test_a_node_dying_mid_stream_fails_fast_naming_it(residual):
+    _, manifest = residual
+    nodes = [start_node(manifest.bundle_path(i)) for i in range(3)]
+    try:
+        samples = (np.full((1, 16), i, np.float32) for i in range(10_000))
+        with Dispatcher(manifest, [n.address for n in nodes], timeout=20) as dispatcher:
+            start = time.monotonic()
+            with pytest.raises(NodeError, match=nodes[1].address):
+                for i, _ in enumerate(dispatcher.map(samples)):
+                    if i == 20:
+                        nodes[1].process.kill()
+            assert time.monotonic() - start < 15
+    finally:
+        stop_processes(nodes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -119,10 +120,15 @@ def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
     from defer.runtime.cluster import run_local
     from defer.runtime.report import format_report
 
+    # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup stops every node process.
     if count < 1:
         raise UsageError(f"--count {count}: need at least 1")
-    report = run_local(model, n_stages, count=count, codec=codec, inflight=inflight,
-                       timeout=timeout, out_dir=out_dir, profile=profile)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        report = run_local(model, n_stages, count=count, codec=codec, inflight=inflight,
+                           timeout=timeout, out_dir=out_dir, profile=profile)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(format_report(report["chain"], title=f"chain of {report['n_stages']} nodes"))
     single, fid = report["single"], report["fidelity"]
     click.echo(f"single process ({single['reference']}, 1 thread): "
@@ -133,6 +139,10 @@ def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
                f"(codec bound per hop {fid['codec_bound_per_hop']:g})")
     if report_path is not None:
         report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 COMMANDS = [serve, dispatch, run]
