@@ -68,7 +68,7 @@ class Dispatcher:
 
     `codec` overrides the manifest's hop codecs on every hop. `inflight` is the window of
     requests in flight (default max(8, 2 x stages) to keep every stage busy). `timeout` bounds
-    every wait, in seconds.
+    every wait, in seconds. Use one Dispatcher from one thread at a time.
     """
 
     def __init__(self, manifest_path: str | Path | Manifest, nodes: list[str],

@@ -333,7 +333,7 @@ class Node:
             if generation != self._generation or plan is None or session is None:
                 log.warning("dropping request %d: no chain configured", msg.request_id)
                 continue
-            self._in_worker += 1
+            self._in_worker += 1  # until it is in the send queue, so a drain waits for it
             try:
                 out = await loop.run_in_executor(self._executor, self._run_stage, plan,
                                                  session, msg)
@@ -341,9 +341,10 @@ class Node:
                 self.counters.errors += 1
                 log.warning("request %d failed: %s", msg.request_id, err)
                 out = Error(request_id=msg.request_id, reason=str(err), node=self.node_id)
+            try:
+                await self._send_q.put((generation, out))
             finally:
                 self._in_worker -= 1
-            await self._send_q.put((generation, out))
 
     def _run_stage(self, plan: Configure, session: ort.InferenceSession, msg: Infer) -> Message:
         """Worker thread: decode what onnxruntime consumes, run it, encode, add forwards."""
