@@ -10,6 +10,7 @@ from defer.errors import NodeError, ProtocolError, UsageError
 from defer.runtime.protocol import PROTOCOL_VERSION, Decoder, Hello, Message, encode_parts
 
 READ_CHUNK = 1 << 20
+STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabytes, not lines
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -36,7 +37,7 @@ class Channel:
         """Open a connection; NodeError names the address if nothing answers in time."""
         host, port = parse_address(address)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), timeout)
         except (OSError, asyncio.TimeoutError) as err:
             reason = "timed out" if isinstance(err, asyncio.TimeoutError) else str(err)
             raise NodeError(f"node {address} is not reachable ({reason}); is `defer serve` "

@@ -30,7 +30,7 @@ from defer.errors import (
     UsageError,
 )
 from defer.manifest import sha256_bytes
-from defer.runtime.channel import Channel, check_hello
+from defer.runtime.channel import STREAM_LIMIT, Channel, check_hello
 from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
 from defer.runtime.protocol import (
     Ack,
@@ -157,7 +157,8 @@ class Node:
     async def _listen(self) -> asyncio.Server:
         try:
             return await asyncio.start_server(self._on_connect, self.config.host,
-                                              self.config.port, start_serving=False)
+                                              self.config.port, start_serving=False,
+                                              limit=STREAM_LIMIT)
         except OSError as err:
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
                                f"{err.strerror or err}; pick another --port (0 = any free)") from None
