@@ -15,7 +15,7 @@ from defer.errors import PlanError
 
 def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
     # Written out independently of Problem.time_matrix on purpose.
-    t = sum(p.compute[a:b]) / p.speeds[s] + p.latency
+    t = (sum(p.compute[a:b]) + p.enter[a] + p.leave[b]) / p.speeds[s] + p.latency
     if p.bandwidth:
         t += p.cut_bytes[a] / p.bandwidth
     if p.memory is not None and p.memory[a, b] > p.memory_cap:
@@ -61,7 +61,10 @@ def problems(draw):
         rng = np.random.default_rng(draw(st.integers(0, 2**16)))
         memory = np.triu(rng.uniform(0, 10, (n_nodes + 1, n_nodes + 1)), 1)
         cap = draw(st.floats(2.0, 10.0))
-    return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap)
+    cut_cost = st.lists(st.sampled_from([0.0, 0.0, 0.5, 2.0]), min_size=n_nodes + 1,
+                        max_size=n_nodes + 1)
+    enter, leave = np.array(draw(cut_cost)), np.array(draw(cut_cost))
+    return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap, enter, leave)
 
 
 @settings(max_examples=400, deadline=None)

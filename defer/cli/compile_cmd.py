@@ -109,9 +109,12 @@ def render_plan(manifest: Manifest, crossing: bool = False) -> str:
 
 
 def _summary(name: str, figures: dict) -> str:
-    return (f"{name:>8}: bottleneck {figures['bottleneck'] * 1e3:.2f} ms vs ideal "
-            f"{figures['ideal'] * 1e3:.2f} ms (x{figures['imbalance']:.3f}), predicted "
-            f"{figures['throughput']:.1f} inf/s, {format_bytes(figures['wire_bytes'])} on the wire")
+    mean = sum(figures["stage_times"]) / len(figures["stage_times"])
+    return (f"{name:>8}: slowest stage {figures['bottleneck'] * 1e3:.2f} ms = "
+            f"x{figures['imbalance']:.3f} the mean stage ({mean * 1e3:.2f} ms), "
+            f"x{figures.get('over_ideal', figures['imbalance']):.3f} the ideal "
+            f"({figures['ideal'] * 1e3:.2f} ms); predicted {figures['throughput']:.1f} inf/s, "
+            f"{format_bytes(figures['wire_bytes'])} on the wire")
 
 
 COMMANDS = [compile_command, inspect_command]

@@ -19,7 +19,7 @@ from defer.compiler.export import stage_model, write_bundles
 from defer.compiler.graph import GraphInfo, analyse
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
-from defer.compiler.profile import estimate_costs, profile_costs
+from defer.compiler.profile import Costs, estimate_costs, profile_costs
 from defer.compiler.verify import Fidelity, compare, run_chain, session
 from defer.errors import PlanError, UsageError, VerifyError
 from defer.manifest import Manifest
@@ -67,14 +67,14 @@ def compile_model(
     log.info("plan: %r", plan)
     stages = [stage_model(info, a, b, i)
               for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:]))]
-    for (_, spec), seconds in zip(stages, plan.stage_times):
-        spec.compute = float(seconds)
+    for s, (_, spec) in enumerate(stages):
+        spec.compute = _stage_compute(problem, s, plan.bounds[s], plan.bounds[s + 1])
     manifest = Manifest(
         model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
                "opset": _opset(loaded.model), "n_nodes": info.n_nodes,
                "inputs": [info.specs[t].to_dict() for t in info.input_names],
                "outputs": [info.specs[t].to_dict() for t in info.output_names]},
-        plan=_plan_record(plan, problem, baseline, profile, batch, memory),
+        plan=_plan_record(plan, problem, baseline, costs.source, batch, memory),
         stages=[spec for _, spec in stages],
         codec={"default": codec, "hops": {}},
         created_by=f"defer {__version__}",
@@ -97,7 +97,7 @@ def verify(manifest: Manifest, model: str | Path | onnx.ModelProto | LoadedModel
     return fidelity
 
 
-def build_problem(info: GraphInfo, costs: np.ndarray, n_stages: int,
+def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
                   speeds: Sequence[float] | None = None, bandwidth: float | None = None,
                   latency: float = 0.0, memory: float | None = None,
                   local_input: bool = False) -> Problem:
@@ -106,8 +106,10 @@ def build_problem(info: GraphInfo, costs: np.ndarray, n_stages: int,
     link_bytes = cut_bytes.copy()
     if local_input:
         link_bytes[0] = 0.0
+    if not isinstance(costs, Costs):
+        costs = Costs.nodes_only(np.asarray(costs, dtype=float), "given")
     return Problem(
-        compute=np.asarray(costs, dtype=float), cut_bytes=link_bytes,
+        compute=costs.node, cut_bytes=link_bytes, enter=costs.enter, leave=costs.leave,
         speeds=list(speeds) if speeds else [1.0] * n_stages,
         bandwidth=bandwidth, latency=latency,
         memory=_memory_matrix(info, cut_bytes) if memory else None, memory_cap=memory,
@@ -174,6 +176,14 @@ def _choose_plan(info: GraphInfo, problem: Problem, strategy: str, cuts: Sequenc
     return plan
 
 
+def _stage_compute(problem: Problem, stage: int, a: int, b: int) -> float:
+    """Predicted compute seconds of a stage (its share of the time that is not the network)."""
+    work = float(np.sum(problem.compute[a:b]))
+    work += float(problem.enter[a]) if problem.enter is not None else 0.0
+    work += float(problem.leave[b]) if problem.leave is not None else 0.0
+    return work / problem.speeds[stage]
+
+
 def _memory_matrix(info: GraphInfo, cut_bytes: np.ndarray) -> np.ndarray:
     """Bytes a stage [a, b) holds: its weights + what it receives + everything it produces."""
     n = info.n_nodes
@@ -192,11 +202,11 @@ def _memory_matrix(info: GraphInfo, cut_bytes: np.ndarray) -> np.ndarray:
     return memory
 
 
-def _plan_record(plan: Plan, problem: Problem, baseline: Plan, profiled: bool, batch: int,
+def _plan_record(plan: Plan, problem: Problem, baseline: Plan, cost_source: str, batch: int,
                  memory: float | None) -> dict:
     return {
         "strategy": plan.strategy, "n_stages": len(plan.stage_times), "batch": batch,
-        "cost_source": "profile" if profiled else "estimate",
+        "cost_source": cost_source,
         "bandwidth": problem.bandwidth, "latency": problem.latency, "speeds": problem.speeds,
         "local_input": bool(problem.cut_bytes[0] == 0),
         "memory_cap": memory, "bounds": plan.bounds,
@@ -208,7 +218,8 @@ def _plan_record(plan: Plan, problem: Problem, baseline: Plan, profiled: bool, b
 def _plan_figures(plan: Plan, batch: int) -> dict:
     return {
         "stage_times": plan.stage_times, "bottleneck": plan.bottleneck, "ideal": plan.ideal,
-        "imbalance": plan.imbalance, "throughput": batch / plan.bottleneck,
+        "over_ideal": plan.over_ideal, "imbalance": plan.imbalance,
+        "throughput": batch / plan.bottleneck,
         "wire_bytes": plan.wire_bytes,
     }
 

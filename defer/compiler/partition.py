@@ -2,9 +2,12 @@
 
 Stage s covers nodes [a, b) and runs on a node of relative speed speeds[s]:
 
-    time(s, a, b) = compute[a:b] / speeds[s] + cut_bytes[a] / bandwidth + latency
+    time(s, a, b) = (compute[a:b] + enter[a] + leave[b]) / speeds[s]
+                    + cut_bytes[a] / bandwidth + latency
 
-`cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs). The objective is
+`cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs); `enter`/`leave`
+are the measured extra costs of starting / ending a stage at a cut (layout reorders, fusions
+broken by the cut), zero when unknown. The objective is
 lexicographic: the slowest stage (pipeline throughput = 1 / slowest), then fewer bytes on the
 wire (interior cuts), then lower total latency (sum of stage times). `memory[a, b]` over a cap
 makes a stage infeasible. `balanced` solves it exactly in two dynamic programmes: the first finds
@@ -31,6 +34,8 @@ class Problem:
     latency: float = 0.0  # seconds per hop
     memory: np.ndarray | None = None  # (N+1, N+1) bytes needed by a stage [a, b)
     memory_cap: float | None = None
+    enter: np.ndarray | None = None  # (N+1,) seconds at speed 1
+    leave: np.ndarray | None = None  # (N+1,)
 
     @property
     def n_nodes(self) -> int:
@@ -44,7 +49,12 @@ class Problem:
         """T[a, b] = time of stage `stage` covering [a, b); inf where a >= b or over the cap."""
         prefix = np.concatenate([[0.0], np.cumsum(self.compute)])
         comm = self.cut_bytes / self.bandwidth if self.bandwidth else np.zeros_like(prefix)
-        times = (prefix[None, :] - prefix[:, None]) / self.speeds[stage] + comm[:, None]
+        work = prefix[None, :] - prefix[:, None]
+        if self.enter is not None:
+            work = work + self.enter[:, None]
+        if self.leave is not None:
+            work = work + self.leave[None, :]
+        times = work / self.speeds[stage] + comm[:, None]
         times = times + self.latency
         a, b = np.indices(times.shape)
         times[a >= b] = np.inf
@@ -59,7 +69,7 @@ class Plan:
     bounds: list[int]  # stage s covers [bounds[s], bounds[s+1])
     stage_times: list[float]
     wire_bytes: int  # bytes over interior cuts, per inference
-    ideal: float  # total compute / sum of speeds
+    ideal: float  # node compute / sum of speeds: no plan's slowest stage can beat it
     fits_memory: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -77,12 +87,20 @@ class Plan:
 
     @property
     def imbalance(self) -> float:
+        """Slowest stage / mean stage: 1.0 is perfect balance of this plan's own work."""
+        mean = self.total / len(self.stage_times)
+        return self.bottleneck / mean if mean > 0 else 1.0
+
+    @property
+    def over_ideal(self) -> float:
+        """Slowest stage / the ideal (node compute spread evenly, no cost for cutting)."""
         return self.bottleneck / self.ideal if self.ideal > 0 else 1.0
 
     def __repr__(self) -> str:
         return (f"Plan({self.strategy}, n={len(self.stage_times)}, cuts={self.cuts}, "
                 f"bottleneck={self.bottleneck * 1e3:.3f}ms, ideal={self.ideal * 1e3:.3f}ms, "
-                f"x{self.imbalance:.3f}, wire={self.wire_bytes}B)")
+                f"x{self.over_ideal:.3f} of ideal, x{self.imbalance:.3f} of mean, "
+                f"wire={self.wire_bytes}B)")
 
 
 def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Plan:
@@ -163,11 +181,12 @@ def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit:
 
 def _unconstrained_time(problem: Problem, stage: int, a: int, b: int) -> float:
     free = Problem(problem.compute, problem.cut_bytes, problem.speeds, problem.bandwidth,
-                   problem.latency)
+                   problem.latency, enter=problem.enter, leave=problem.leave)
     return float(free.time_matrix(stage)[a, b])
 
 
 def _ideal(problem: Problem) -> float:
+    """Total compute (no cutting costs) spread evenly over the summed speeds."""
     return float(np.sum(problem.compute) / np.sum(problem.speeds))
 
 

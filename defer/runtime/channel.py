@@ -38,7 +38,7 @@ class Channel:
         host, port = parse_address(address)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), timeout)
-        except (OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError) as err:
             reason = "timed out" if isinstance(err, asyncio.TimeoutError) else str(err)
             raise NodeError(f"node {address} is not reachable ({reason}); is `defer serve` "
                             "running there?", node=address) from None

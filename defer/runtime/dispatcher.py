@@ -246,7 +246,7 @@ class Dispatcher:
     async def _guard(self, address: str, awaitable) -> Any:
         try:
             return await asyncio.wait_for(awaitable, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeferTimeoutError(f"node {address} did not answer within {self.timeout:g} s",
                                     node=address) from None
         except OSError as err:

@@ -205,7 +205,7 @@ class Node:
                 await self._data_loop(chan)
         except ProtocolError as err:
             log.warning("closing connection from %s: %s", chan.peer, err)
-        except (OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError) as err:
             log.info("connection from %s lost: %s", chan.peer, err)
         finally:
             if chan is self._control:
