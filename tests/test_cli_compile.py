@@ -33,7 +33,7 @@ def test_compile_verify_and_inspect(model_path, tmp_path):
     assert sorted(p.name for p in out.glob("bundle_*.onnx")) == [f"bundle_{i}.onnx" for i in range(3)]
     shown = _run("inspect", out)
     assert shown.exit_code == 0
-    assert "balanced: bottleneck" in shown.output and "layers: bottleneck" in shown.output
+    assert "balanced: slowest stage" in shown.output and "layers: slowest stage" in shown.output
 
 
 @pytest.mark.parametrize("make, n", [(multi_io, 3), (dense_chain, 4)])
