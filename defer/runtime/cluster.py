@@ -47,9 +47,10 @@ class NodeProcess:
 
 def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
                cpu: int | None = None, threads: int = 1, log_path: str | Path | None = None,
-               timeout: float = 60.0) -> NodeProcess:
+               timeout: float = 60.0, command_prefix: tuple[str, ...] = ()) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
+    `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
     stderr (the node's log) goes to `log_path` (a temp file by default). StartupError, with the
     log's tail, if it exits or stays silent for `timeout` seconds.
     """
@@ -58,7 +59,7 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
         os.close(fd)
         log_path = name
     log_path = Path(log_path)
-    args = [sys.executable, "-m", "defer", "serve", "--host", host, "--port", str(port),
+    args = [*command_prefix, sys.executable, "-m", "defer", "serve", "--host", host, "--port", str(port),
             "--threads", str(threads)]
     if cpu is not None:
         args += ["--cpu", str(cpu)]
