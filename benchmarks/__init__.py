@@ -1,0 +1,1 @@
+"""Reproducible measurements of defer: `python -m benchmarks [--quick]`. See benchmarks/README.md."""
