@@ -22,7 +22,8 @@ def _tensor(name: str, array: np.ndarray, codec: str = "raw") -> p.WireTensor:
 
 CASES: list[p.Message] = [
     p.Hello(node_id="127.0.0.1:7000", role="node", bundle_sha256="ab" * 32),
-    p.Hello(role="dispatcher", challenge="c0ffee", response=None),
+    p.Hello(role="dispatcher", challenge="c0" * 32, response=None, heartbeat_ms=500),
+    p.Hello(role="upstream", node_id="n", challenge="0f" * 32, response="ee" * 32),
     p.Load(sha256="00" * 32, bundle=b"\x08\x07onnx-bytes" * 3),
     p.Configure(stage=1, n_stages=3, next_hop="127.0.0.1:7002", codec="zfp:0.01+lz4",
                 receives=("r1",), forward=("r1",), outputs=("h2",)),
@@ -103,7 +104,7 @@ def test_every_message_back_to_back_in_one_feed():
 
 def test_tensor_payloads_are_aligned_views():
     decoder = p.Decoder()
-    decoder.feed(p.encode(CASES[5]))
+    decoder.feed(p.encode(CASES[6]))
     msg = decoder.next()
     for tensor in msg.tensors:
         view = np.frombuffer(tensor.data, dtype=tensor.dtype)
@@ -143,10 +144,10 @@ def test_a_broken_decoder_stays_broken():
 
 
 @pytest.mark.parametrize("limits, msg, match", [
-    (p.Limits(metadata=64), CASES[3], "metadata"),
-    (p.Limits(tensor=16), CASES[5], "tensor|segment"),
-    (p.Limits(frame=100), CASES[2], "frame"),
-    (p.Limits(segments=2), CASES[5], "segments"),
+    (p.Limits(metadata=64), CASES[4], "metadata"),
+    (p.Limits(tensor=16), CASES[6], "tensor|segment"),
+    (p.Limits(frame=100), CASES[3], "frame"),
+    (p.Limits(segments=2), CASES[6], "segments"),
 ])
 def test_limits_are_enforced_on_both_sides(limits, msg, match):
     with pytest.raises(ProtocolError, match=match):
@@ -168,8 +169,27 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
 
 @pytest.mark.parametrize("frame, match", [
     (_frame(1, {"f": {}, "s": []}), "lacks field"),
-    (_frame(1, {"f": {"version": "1", "node_id": "", "role": "x", "bundle_sha256": None,
-                      "challenge": None, "response": None}, "s": []}), "non-negative integer"),
+    (_frame(1, {"f": {"version": "1", "node_id": "", "role": "node", "bundle_sha256": None,
+                      "challenge": None, "response": None, "heartbeat_ms": 0}, "s": []}),
+     "non-negative integer"),
+    (_frame(1, {"f": {"version": 1, "node_id": "", "role": "admin", "bundle_sha256": None,
+                      "challenge": None, "response": None, "heartbeat_ms": 0}, "s": []}),
+     "role"),
+    (_frame(1, {"f": {"version": 1, "node_id": "", "role": "node", "bundle_sha256": "AB" * 32,
+                      "challenge": None, "response": None, "heartbeat_ms": 0}, "s": []}),
+     "hex"),
+    (_frame(1, {"f": {"version": 1, "node_id": "x" * 20000, "role": "node",
+                      "bundle_sha256": None, "challenge": None, "response": None,
+                      "heartbeat_ms": 0}, "s": []}), "characters"),
+    (_frame(3, {"f": {"stage": 3, "n_stages": 3, "next_hop": "dispatcher", "codec": "raw",
+                      "receives": [], "forward": [], "outputs": []}, "s": []}), "out of range"),
+    (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "nowhere", "codec": "raw",
+                      "receives": [], "forward": [], "outputs": []}, "s": []}), "host:port"),
+    (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "h:1", "codec": "raw",
+                      "receives": ["a", "a"], "forward": [], "outputs": []}, "s": []}),
+     "twice"),
+    (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "h:1", "codec": "",
+                      "receives": [], "forward": [], "outputs": []}, "s": []}), "characters"),
     (_frame(11, {"f": {"drain": 1}, "s": []}), "true or false"),
     (_frame(11, [], n_seg=0), "object"),
     (_frame(11, None, raw_meta=b"\xff\xfe"), "UTF-8 JSON"),
@@ -179,13 +199,16 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
     (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [-1],
                                "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "integer"),
     (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2**31] * 3,
-                               "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "large"),
+                               "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "limit"),
+    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float64", "shape": [2**25, 2],
+                               "codec": "zfp", "inner": 0, "size": 8}]}, bytes(8)),
+     "tensor limit"),
     (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
                                "inner": 0, "size": 16}]}, bytes(8)), "overruns"),
     (_frame(5, {"f": {}, "s": [{"size": 8}]}, bytes(16)), "lacks|match"),
     (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
                                "inner": 0, "size": 8}] * 2}, bytes(16)), "duplicate"),
-    (_frame(2, {"f": {"sha256": "x"}, "s": []}), "exactly one"),
+    (_frame(2, {"f": {"sha256": "00" * 32}, "s": []}), "exactly one"),
     (_frame(9, {"f": {}, "s": [{"size": 0}]}), "no payload"),
     (_frame(1, {"f": {}, "s": []}, n_seg=3), "announces"),
 ])
@@ -194,6 +217,22 @@ def test_malformed_frames_raise_protocol_error(frame, match):
     decoder.feed(frame)
     with pytest.raises(ProtocolError, match=match):
         decoder.next()
+
+
+def test_an_unauthenticated_peer_may_send_small_hellos_only():
+    decoder = p.Decoder(p.HANDSHAKE_LIMITS)
+    decoder.feed(p.encode(CASES[1]))
+    assert decoder.next() == CASES[1]
+    for msg in (CASES[3], CASES[6]):  # a Load and an Infer: payloads are refused outright
+        decoder = p.Decoder(p.HANDSHAKE_LIMITS)
+        decoder.feed(p.encode(msg))
+        with pytest.raises(ProtocolError, match="segments|limit"):
+            decoder.next()
+    huge = struct.pack("<4sBBHQIIQ", b"DEFR", 1, 1, 0, 0, 8, 0, 2**40)
+    decoder = p.Decoder(p.HANDSHAKE_LIMITS)
+    decoder.feed(huge)
+    with pytest.raises(ProtocolError, match="frame"):
+        decoder.next()  # refused from the header alone, before any allocation
 
 
 def _parse_everything(data: bytes, chunk: int) -> None:

@@ -2,8 +2,11 @@
 # (`feed(bytes)`, `feed_eof()`, `next() -> Message | None`). No sockets, no threads, no pickle.
 # Messages are frozen dataclasses (a tagged union, `Message`). Every size is bounded by `Limits`;
 # a malformed, oversized or truncated frame raises ProtocolError and nothing else. A clean EOF
-# between frames is not an error. Tensor payloads travel as opaque bytes: `codecs` gives them
-# meaning, this module only checks that their declared sizes are sane.
+# between frames is not an error. Every metadata field is type- and range-checked on decode
+# (roles, hashes, nonces, addresses, names, sizes). Tensor payloads travel as opaque bytes:
+# `codecs` gives them meaning, this module only checks that their declared sizes are sane,
+# including the decoded size a shape implies (<= Limits.tensor), so no codec can be made to
+# allocate more than that. HANDSHAKE_LIMITS bound what an unauthenticated peer may send.
 from __future__ import annotations
 
 import json
@@ -40,6 +43,10 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# Before a peer has authenticated it may send HELLO frames only: a few kilobytes, no payload.
+HANDSHAKE_LIMITS = Limits(metadata=4096, tensor=0, frame=4096, segments=0)
+ROLES = frozenset({"dispatcher", "upstream", "node"})
+MAX_TEXT = 16 * 1024  # reasons, node ids and other free text
 
 
 class MsgType(IntEnum):
@@ -71,11 +78,42 @@ def _int(v: Any, name: str) -> int:
 def _str(v: Any, name: str) -> str:
     if type(v) is not str:
         raise _bad(f"field {name!r} must be a string, got {type(v).__name__}")
+    if len(v) > MAX_TEXT:
+        raise _bad(f"field {name!r} has {len(v)} characters, over {MAX_TEXT}")
     return v
 
 
-def _opt_str(v: Any, name: str) -> str | None:
-    return None if v is None else _str(v, name)
+def _name(v: Any, name: str) -> str:
+    v = _str(v, name)
+    if not v or len(v) > MAX_NAME:
+        raise _bad(f"field {name!r} must have 1..{MAX_NAME} characters")
+    return v
+
+
+def _hex(v: Any, name: str, length: int = 64) -> str:
+    v = _str(v, name)
+    if len(v) != length or v.strip("0123456789abcdef"):
+        raise _bad(f"field {name!r} must be {length} lowercase hex digits")
+    return v
+
+
+def _opt_hex(v: Any, name: str) -> str | None:
+    return None if v is None else _hex(v, name)
+
+
+def _role(v: Any, name: str) -> str:
+    if v not in ROLES:
+        raise _bad(f"field {name!r} must be one of {sorted(ROLES)}, got {v!r:.40}")
+    return v
+
+
+def _hop(v: Any, name: str) -> str:
+    v = _name(v, name)
+    if v != "dispatcher":
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(f"field {name!r} must be host:port or 'dispatcher', got {v!r:.60}")
+    return v
 
 
 def _bool(v: Any, name: str) -> bool:
@@ -84,10 +122,13 @@ def _bool(v: Any, name: str) -> bool:
     return v
 
 
-def _str_tuple(v: Any, name: str) -> tuple[str, ...]:
-    if type(v) is not list:
-        raise _bad(f"field {name!r} must be a list of strings")
-    return tuple(_str(x, name) for x in v)
+def _name_tuple(v: Any, name: str) -> tuple[str, ...]:
+    if type(v) is not list or len(v) > 4096:
+        raise _bad(f"field {name!r} must be a list of at most 4096 tensor names")
+    names = tuple(_name(x, name) for x in v)
+    if len(set(names)) != len(names):
+        raise _bad(f"field {name!r} lists a name twice")
+    return names
 
 
 def _opt_dict(v: Any, name: str) -> dict[str, Any] | None:
@@ -135,7 +176,8 @@ class _Base:
         return []
 
     @classmethod
-    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list) -> _Base:
+    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list,
+                   limits: Limits) -> _Base:
         if segs:
             raise _bad(f"{cls.TYPE.name} carries no payload, got {len(segs)} segments")
         return cls(request_id=request_id, **values)
@@ -145,19 +187,22 @@ class _Base:
 class Hello(_Base):
     """First message each way on every connection. `role`: dispatcher, upstream or node.
 
-    `challenge`/`response` are reserved for HMAC challenge-response auth (the token itself never
-    crosses the wire); unused by protocol version 1 peers.
+    `challenge` is a fresh nonce, `response` an HMAC proof over both nonces (see `auth`); the
+    token itself never crosses the wire. `heartbeat_ms`: the sender promises to send something
+    at least this often (0 = no promise), so its peer may call it dead after a few silent
+    periods.
     """
 
     TYPE = MsgType.HELLO
-    WIRE = {"version": _int, "node_id": _str, "role": _str, "bundle_sha256": _opt_str,
-            "challenge": _opt_str, "response": _opt_str}
+    WIRE = {"version": _int, "node_id": _str, "role": _role, "bundle_sha256": _opt_hex,
+            "challenge": _opt_hex, "response": _opt_hex, "heartbeat_ms": _int}
     version: int = PROTOCOL_VERSION
     node_id: str = ""
     role: str = "node"
     bundle_sha256: str | None = None
     challenge: str | None = None
     response: str | None = None
+    heartbeat_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +210,7 @@ class Load(_Base):
     """The dispatcher pushes a stage bundle (ONNX bytes) to a node that serves none."""
 
     TYPE = MsgType.LOAD
-    WIRE = {"sha256": _str}
+    WIRE = {"sha256": _hex}
     sha256: str
     bundle: bytes | bytearray | memoryview = field(repr=False)
 
@@ -173,7 +218,8 @@ class Load(_Base):
         return [({"size": len(self.bundle)}, self.bundle)]
 
     @classmethod
-    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list) -> Load:
+    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list,
+                   limits: Limits) -> Load:
         if len(segs) != 1:
             raise _bad(f"LOAD carries exactly one segment, got {len(segs)}")
         return cls(request_id=request_id, bundle=segs[0][1], **values)
@@ -184,8 +230,8 @@ class Configure(_Base):
     """Wire a node into the chain: its stage, where to send (host:port or "dispatcher"), how."""
 
     TYPE = MsgType.CONFIGURE
-    WIRE = {"stage": _int, "n_stages": _int, "next_hop": _str, "codec": _str,
-            "receives": _str_tuple, "forward": _str_tuple, "outputs": _str_tuple}
+    WIRE = {"stage": _int, "n_stages": _int, "next_hop": _hop, "codec": _name,
+            "receives": _name_tuple, "forward": _name_tuple, "outputs": _name_tuple}
     stage: int
     n_stages: int
     next_hop: str
@@ -194,13 +240,20 @@ class Configure(_Base):
     forward: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
 
+    @classmethod
+    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list,
+                   limits: Limits) -> Configure:
+        if not values["stage"] < values["n_stages"] <= 4096:
+            raise _bad(f"stage {values['stage']} of {values['n_stages']} is out of range")
+        return super()._from_wire(request_id, values, segs, limits)  # type: ignore[return-value]
+
 
 @dataclass(frozen=True, kw_only=True)
 class Ack(_Base):
     """A node confirms LOAD, CONFIGURE or SHUTDOWN (`what` names which)."""
 
     TYPE = MsgType.ACK
-    WIRE = {"what": _str}
+    WIRE = {"what": _name}
     what: str
 
 
@@ -213,8 +266,9 @@ class _TensorMessage(_Base):
                   "inner": t.inner, "size": t.nbytes}, t.data) for t in self.tensors]
 
     @classmethod
-    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list) -> _Base:
-        tensors = tuple(_tensor(desc, data) for desc, data in segs)
+    def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list,
+                   limits: Limits) -> _Base:
+        tensors = tuple(_tensor(desc, data, limits) for desc, data in segs)
         if len({t.name for t in tensors}) != len(tensors):
             raise _bad("duplicate tensor names")
         return cls(request_id=request_id, tensors=tensors, **values)
@@ -255,6 +309,8 @@ class Stats(_Base):
 
 @dataclass(frozen=True, kw_only=True)
 class Ping(_Base):
+    """With a request id: answer with PONG. With request id 0: a heartbeat, never answered."""
+
     TYPE = MsgType.PING
 
 
@@ -279,7 +335,7 @@ _BY_TYPE: dict[int, type[_Base]] = {
 }
 
 
-def _tensor(desc: dict[str, Any], data: memoryview) -> WireTensor:
+def _tensor(desc: dict[str, Any], data: memoryview, limits: Limits) -> WireTensor:
     for key in ("name", "dtype", "shape", "codec", "inner"):
         if key not in desc:
             raise _bad(f"tensor descriptor lacks {key!r}")
@@ -294,9 +350,10 @@ def _tensor(desc: dict[str, Any], data: memoryview) -> WireTensor:
     count = 1
     for dim in shape:
         count *= _int(dim, "shape")
-        if count > 2**40:
-            raise _bad(f"tensor {name!r}: shape {shape!r:.80} is absurdly large")
-    return WireTensor(name=name, dtype=dtype, shape=tuple(shape), codec=_str(codec, "codec"),
+        if count * DTYPES[dtype] > limits.tensor:
+            raise _bad(f"tensor {name!r}: shape {shape!r:.80} decodes to more than the "
+                       f"{limits.tensor}-byte tensor limit")
+    return WireTensor(name=name, dtype=dtype, shape=tuple(shape), codec=_name(codec, "codec"),
                       data=data, inner=_int(desc["inner"], "inner"))
 
 
@@ -423,7 +480,7 @@ def _parse_body(header: _Header, body: bytearray, limits: Limits) -> Message:
         if name not in meta["f"]:
             raise _bad(f"{cls.TYPE.name} lacks field {name!r}")
         values[name] = check(meta["f"][name], name)
-    return cls._from_wire(header.request_id, values, segs)
+    return cls._from_wire(header.request_id, values, segs, limits)
 
 
 class Decoder:
