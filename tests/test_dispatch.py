@@ -263,9 +263,10 @@ class _BlackHoleNode:
                     reply = {p.Hello: lambda m: p.Hello(bundle_sha256=self.sha256),
                              p.Configure: lambda m: p.Ack(request_id=m.request_id, what="c"),
                              p.Stats: lambda m: p.Stats(request_id=m.request_id, counters={}),
-                             p.Ping: lambda m: p.Pong(request_id=m.request_id)}.get(type(msg))
+                             p.Ping: lambda m: p.Pong(request_id=m.request_id) if m.request_id
+                             else None}.get(type(msg), lambda m: None)(msg)
                     if reply is not None:
-                        conn.sendall(p.encode(reply(msg)))
+                        conn.sendall(p.encode(reply))
 
     def close(self) -> None:
         self.server.shutdown(socket.SHUT_RDWR)

@@ -11,6 +11,19 @@ import click
 
 READY_PREFIX = "defer node listening on"
 CODEC_HELP = "raw, lz4, zfp, zfp:<tol>, zfp+lz4"
+TOKEN_HELP = ("Shared secret: peers prove they hold it (HMAC challenge-response in HELLO; it "
+              "never crosses the wire). Prefer the DEFER_TOKEN variable: options show in `ps`.")
+HEARTBEAT_HELP = ("Seconds between heartbeats on an idle connection; a peer silent for 3 of "
+                  "its intervals is dead (0 = no heartbeats).")
+
+
+def _token_option(func):
+    return click.option("--token", envvar="DEFER_TOKEN", show_envvar=True, default=None,
+                        help=TOKEN_HELP + "  [default: none, no authentication]")(func)
+
+
+def _file(**kwargs):
+    return click.Path(exists=True, dir_okay=False, path_type=Path, **kwargs)
 
 
 @click.command("serve")
@@ -24,7 +37,17 @@ CODEC_HELP = "raw, lz4, zfp, zfp:<tol>, zfp+lz4"
               help="onnxruntime intra-op threads.")
 @click.option("--cpu", type=int, default=None,
               help="Pin this node to core K (os.sched_setaffinity).  [default: no pinning]")
-def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | None) -> None:
+@_token_option
+@click.option("--tls-cert", type=_file(), default=None,
+              help="Serve TLS with this certificate (PEM); needs --tls-key.  [default: no TLS]")
+@click.option("--tls-key", type=_file(), default=None, help="Private key of --tls-cert (PEM).")
+@click.option("--tls-ca", type=_file(), default=None,
+              help="Connect to the next node with TLS, verifying it against this CA or "
+                   "self-signed certificate (PEM).  [default: plain TCP]")
+@click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
+def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | None,
+          token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+          heartbeat: float) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
@@ -36,7 +59,9 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
         click.echo(f"{READY_PREFIX} {bound_host}:{bound_port}")
         sys.stdout.flush()
 
-    run_node(NodeConfig(host=host, port=port, bundle=bundle, threads=threads, cpu=cpu), ready)
+    run_node(NodeConfig(host=host, port=port, bundle=bundle, threads=threads, cpu=cpu,
+                        token=token or None, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                        heartbeat=heartbeat), ready)
 
 
 @click.command("dispatch")
@@ -63,14 +88,23 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds any wait may take before failing with a named node.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
+@click.option("--spares", default="", metavar="H:P,H:P,...",
+              help="Idle nodes that take over a lost stage (bundle pushed, chain rewired, "
+                   "in-flight requests replayed).  [default: none]")
+@_token_option
+@click.option("--tls-ca", type=_file(), default=None,
+              help="Connect to nodes with TLS, verifying them against this CA or self-signed "
+                   "certificate (PEM).  [default: plain TCP]")
+@click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
 def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
              inflight: int | None, codec: str | None, output_path: Path | None,
-             report_path: Path | None, timeout: float, seed: int) -> None:
+             report_path: Path | None, timeout: float, seed: int, spares: str,
+             token: str | None, tls_ca: Path | None, heartbeat: float) -> None:
     """Stream inputs through a chain of running `defer serve` nodes and report."""
     from defer.errors import UsageError
     from defer.manifest import load_manifest
     from defer.runtime.dispatcher import Dispatcher
-    from defer.runtime.inputs import load_inputs, random_inputs, save_outputs
+    from defer.runtime.inputs import check_sample, load_inputs, random_inputs, save_outputs
     from defer.runtime.report import format_report
 
     manifest = load_manifest(manifest_path)
@@ -82,9 +116,13 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
         samples = [samples[i % len(samples)] for i in range(count)]
     else:
         samples = random_inputs(manifest, count or 100, seed)
+    for sample in samples[:1] if input_path is None else samples:
+        check_sample(manifest.inputs, sample)  # a wrong input fails before any connection
     addresses = [a.strip() for a in nodes.split(",") if a.strip()]
-    with Dispatcher(manifest, addresses, codec=codec, inflight=inflight,
-                    timeout=timeout) as dispatcher:
+    spare_list = [a.strip() for a in spares.split(",") if a.strip()]
+    with Dispatcher(manifest, addresses, codec=codec, inflight=inflight, timeout=timeout,
+                    spares=spare_list, token=token or None, tls_ca=tls_ca,
+                    heartbeat=heartbeat) as dispatcher:
         outputs = list(dispatcher.map(samples))
         stats = dispatcher.stats()
     if output_path is not None:

@@ -1,16 +1,40 @@
 # An asyncio stream carrying defer frames: `recv() -> Message | None` (None = clean EOF) and
-# `send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`.
-# Each send writes one whole frame synchronously, so concurrent senders never interleave frames.
+# `send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`,
+# the proofs in `auth`. Each send writes one whole frame synchronously, so concurrent senders
+# never interleave frames. Also here, because both ends need them:
+# - the HELLO exchange with optional token authentication (`handshake` on the connecting side,
+#   `accept` on the node); an unauthenticated peer is held to HANDSHAKE_LIMITS;
+# - TLS contexts (`server_tls`, `client_tls`);
+# - `keepalive`: heartbeats and failure detection. It sends a heartbeat PING only when nothing
+#   else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
+#   the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read.
+#   It reads counters the channel keeps anyway: no work per request.
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
+from pathlib import Path
 
-from defer.errors import NodeError, ProtocolError, UsageError
-from defer.runtime.protocol import PROTOCOL_VERSION, Decoder, Hello, Message, encode_parts
+from defer.errors import AuthError, NodeError, ProtocolError, UsageError
+from defer.runtime import auth
+from defer.runtime.protocol import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    Decoder,
+    Error,
+    Hello,
+    Limits,
+    Message,
+    MsgType,
+    Ping,
+    encode_parts,
+)
 
 READ_CHUNK = 1 << 20
 STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabytes, not lines
+DEAD_AFTER = 3  # a peer silent for this many of its heartbeat intervals is dead
+DEFAULT_HEARTBEAT = 0.5  # seconds: a dead or hung peer is noticed within 3 x 0.5 s + a tick
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -23,34 +47,76 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def server_tls(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """A node's TLS context (TLS 1.2+); UsageError names the file that will not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as err:
+        raise UsageError(f"cannot load TLS certificate {cert} / key {key}: {err}") from None
+    return context
+
+
+def client_tls(ca: str | Path) -> ssl.SSLContext:
+    """Verify nodes against the CA (or self-signed certificate) in `ca`, host name included."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as err:
+        raise UsageError(f"cannot load TLS CA file {ca}: {err}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class Channel:
     """One connection: a decoder on the read side, whole frames on the write side."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
+                 limits: Limits = DEFAULT_LIMITS):
         self.reader, self.writer, self.peer = reader, writer, peer
-        self.decoder = Decoder()
+        self.decoder = Decoder(limits)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.waiting = False  # True while recv() waits on the socket
+        self.peer_heartbeat = 0.0  # seconds the peer promised between frames (0 = none)
+        self.dead_reason: str | None = None  # why keepalive or an owner aborted it
 
     @classmethod
-    async def connect(cls, address: str, timeout: float) -> Channel:
+    async def connect(cls, address: str, timeout: float,
+                      tls: ssl.SSLContext | None = None) -> Channel:
         """Open a connection; NodeError names the address if nothing answers in time."""
         host, port = parse_address(address)
+        extra = {"ssl": tls, "server_hostname": host, "ssl_handshake_timeout": timeout} \
+            if tls is not None else {}
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), timeout)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=STREAM_LIMIT, **extra), timeout)
+        except ssl.SSLError as err:
+            raise NodeError(f"node {address}: TLS handshake failed ({err.reason or err}); does "
+                            "it serve TLS, and does --tls-ca hold the CA that signed its "
+                            "certificate?", node=address) from None
         except (TimeoutError, OSError) as err:
-            reason = "timed out" if isinstance(err, asyncio.TimeoutError) else str(err)
+            reason = "timed out" if isinstance(err, TimeoutError) else str(err)
             raise NodeError(f"node {address} is not reachable ({reason}); is `defer serve` "
                             "running there?", node=address) from None
         return cls(reader, writer, address)
 
     async def recv(self) -> Message | None:
-        """The next message, or None at a clean EOF. ProtocolError on a malformed frame."""
+        """The next message, or None at a clean EOF. ProtocolError on a malformed frame.
+        Heartbeats (PING with request id 0) are consumed here and never returned."""
         while True:
             msg = self.decoder.next()
-            if msg is not None or self.decoder.eof:
+            if msg is not None:
+                if msg.TYPE is MsgType.PING and msg.request_id == 0:
+                    continue
                 return msg
-            data = await self.reader.read(READ_CHUNK)
+            if self.decoder.eof:
+                return None
+            self.waiting = True
+            try:
+                data = await self.reader.read(READ_CHUNK)
+            finally:
+                self.waiting = False
             if data:
                 self.bytes_in += len(data)
                 self.decoder.feed(data)
@@ -58,7 +124,10 @@ class Channel:
                 self.decoder.feed_eof()
 
     def write(self, msg: Message) -> None:
-        """Queue one whole frame without waiting for the socket."""
+        """Queue one whole frame without waiting for the socket. ConnectionResetError once
+        the connection is closing."""
+        if self.writer.is_closing():
+            raise ConnectionResetError(f"connection to {self.peer} is closed")
         parts = encode_parts(msg)
         self.bytes_out += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
         self.writer.writelines(parts)
@@ -67,17 +136,121 @@ class Channel:
         self.write(msg)
         await self.writer.drain()
 
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
+    @property
+    def closing(self) -> bool:
+        return self.writer.is_closing()
 
-    async def handshake(self, hello: Hello, timeout: float) -> Hello:
-        """Send our HELLO, return the peer's; a version mismatch is a ProtocolError."""
-        await self.send(hello)
-        reply = await asyncio.wait_for(self.recv(), timeout)
-        check_hello(reply, self.peer)
-        return reply  # type: ignore[return-value]
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, buffered data included (the peer may never read it)."""
+        if self.dead_reason is None:
+            self.dead_reason = reason
+        self.writer.transport.abort()
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """Close, flushing what is buffered for up to `timeout` s, then abort (a hung peer
+        must not hold us)."""
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), timeout)
+        except TimeoutError:
+            self.writer.transport.abort()
+        except OSError:
+            pass
+
+    # --- HELLO and authentication -----------------------------------------------------------
+
+    async def handshake(self, role: str, token: str | None, timeout: float,
+                        heartbeat: float = 0.0, node_id: str = "") -> Hello:
+        """The connecting side: send HELLO, prove the token if the node asks, return the node's
+        final HELLO. AuthError when either side cannot prove the token."""
+        nonce, beat = auth.new_nonce(), round(heartbeat * 1000)
+        await self.send(Hello(role=role, node_id=node_id, challenge=nonce, heartbeat_ms=beat))
+        reply = await self._hello_reply(timeout, "HELLO")
+        if reply.challenge is None and token is not None:
+            raise AuthError(f"node {self.peer} does not authenticate (started without a "
+                            "token), so it may not be the node you meant; start it with --token "
+                            "or DEFER_TOKEN", node=self.peer)
+        if reply.challenge is not None:
+            if token is None:
+                raise AuthError(f"node {self.peer} requires a token; pass --token or set "
+                                "DEFER_TOKEN", node=self.peer)
+            if not auth.check(token, "node", role, nonce, reply.challenge, reply.response):
+                raise AuthError(f"node {self.peer} could not prove it holds our token; the "
+                                "tokens differ", node=self.peer)
+            answer = auth.proof(token, "client", role, nonce, reply.challenge)
+            await self.send(Hello(role=role, node_id=node_id, response=answer,
+                                  heartbeat_ms=beat))
+            reply = await self._hello_reply(timeout, "authentication")
+        self.peer_heartbeat = reply.heartbeat_ms / 1000
+        return reply
+
+    async def _hello_reply(self, timeout: float, during: str) -> Hello:
+        msg = await asyncio.wait_for(self.recv(), timeout)
+        if isinstance(msg, Error):
+            raise AuthError(f"node {self.peer} refused us: {msg.reason}", node=self.peer)
+        if msg is None:
+            raise NodeError(f"node {self.peer} closed the connection during {during}; if it "
+                            "serves TLS, pass --tls-ca", node=self.peer)
+        check_hello(msg, self.peer)
+        return msg  # type: ignore[return-value]
+
+    async def accept(self, node_id: str, token: str | None, bundle_sha256: str | None,
+                     timeout: float, heartbeat: float = 0.0) -> Hello:
+        """The node's side: take the peer's HELLO, demand the token proof if we have a token,
+        answer with our HELLO, lift the handshake limits. AuthError (after telling the peer)
+        if it cannot prove the token; ProtocolError for anything but HELLO."""
+        hello = await asyncio.wait_for(self.recv(), timeout)
+        check_hello(hello, self.peer)
+        beat = round(heartbeat * 1000)
+        if token is not None:
+            if hello.challenge is None:
+                await self._refuse(node_id, "authentication required: this node has a token")
+            nonce = auth.new_nonce()
+            await self.send(Hello(node_id=node_id, challenge=nonce, heartbeat_ms=beat,
+                                  response=auth.proof(token, "node", hello.role,
+                                                      hello.challenge, nonce)))
+            answer = await asyncio.wait_for(self.recv(), timeout)
+            if not (isinstance(answer, Hello) and answer.role == hello.role and auth.check(
+                    token, "client", hello.role, hello.challenge, nonce, answer.response)):
+                await self._refuse(node_id, "authentication failed: wrong or missing token")
+        await self.send(Hello(node_id=node_id, bundle_sha256=bundle_sha256, heartbeat_ms=beat))
+        self.peer_heartbeat = hello.heartbeat_ms / 1000
+        self.decoder.limits = DEFAULT_LIMITS
+        return hello
+
+    async def _refuse(self, node_id: str, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            await self.send(Error(reason=reason, node=node_id))
+        raise AuthError(f"{self.peer}: {reason}")
+
+    # --- failure detection ------------------------------------------------------------------
+
+    async def keepalive(self, interval: float) -> None:
+        """Run until the connection closes: heartbeat every `interval` s of our silence, abort
+        once the peer is silent for DEAD_AFTER x its own interval while we wait to read."""
+        periods = [t for t in (interval, self.peer_heartbeat) if t > 0]
+        if not periods:
+            return
+        tick = min(periods) / 2
+        dead_after = DEAD_AFTER * self.peer_heartbeat
+        loop = asyncio.get_running_loop()
+        heard = sent = last_tick = loop.time()
+        seen_in, seen_out = self.bytes_in, self.bytes_out
+        while not self.closing:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            if self.bytes_in != seen_in or not self.waiting or now - last_tick > 2 * tick:
+                # new bytes, a busy reader, or our own loop stalled: no verdict on the peer
+                seen_in, heard = self.bytes_in, now
+            elif dead_after and now - heard > dead_after:
+                self.abort(f"silent for {now - heard:.1f} s (no heartbeat; hung or cut off)")
+                return
+            last_tick = now
+            if self.bytes_out != seen_out:
+                seen_out, sent = self.bytes_out, now
+            elif interval and now - sent >= interval and not self.closing:
+                self.write(Ping())
+                seen_out, sent = self.bytes_out, now
 
 
 def check_hello(msg: Message | None, peer: str) -> None:
@@ -88,3 +261,4 @@ def check_hello(msg: Message | None, peer: str) -> None:
     if msg.version != PROTOCOL_VERSION:
         raise ProtocolError(f"{peer} speaks protocol version {msg.version}, this defer speaks "
                             f"{PROTOCOL_VERSION}; run the same defer version on every machine")
+

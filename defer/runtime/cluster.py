@@ -47,12 +47,16 @@ class NodeProcess:
 
 def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
                cpu: int | None = None, threads: int = 1, log_path: str | Path | None = None,
-               timeout: float = 60.0, command_prefix: tuple[str, ...] = ()) -> NodeProcess:
+               timeout: float = 60.0, command_prefix: tuple[str, ...] = (),
+               token: str | None = None, tls_cert: str | Path | None = None,
+               tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
+               heartbeat: float | None = None) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
     `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
     stderr (the node's log) goes to `log_path` (a temp file by default). StartupError, with the
-    log's tail, if it exits or stays silent for `timeout` seconds.
+    log's tail, if it exits or stays silent for `timeout` seconds. The token reaches the child
+    in DEFER_TOKEN, never on its command line (which `ps` shows).
     """
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="defer-node-", suffix=".log")
@@ -63,11 +67,18 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
             "--threads", str(threads)]
     if cpu is not None:
         args += ["--cpu", str(cpu)]
+    for option, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
+                          ("--tls-ca", tls_ca), ("--heartbeat", heartbeat)):
+        if value is not None:
+            args += [option, str(value)]
     if bundle is not None:
         args.append(str(bundle))
+    env = {k: v for k, v in os.environ.items() if k != "DEFER_TOKEN"}
+    if token is not None:
+        env["DEFER_TOKEN"] = token
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, env=env)
     node = NodeProcess(process, "", log_path)
     try:
         node.address = _wait_ready(process, timeout)

@@ -1,5 +1,6 @@
 # Inputs and outputs for a run: seeded random inputs shaped by the manifest, .npy/.npz files
-# read as one input or a stack of inputs, and stacked outputs written to .npz.
+# read as one input or a stack of inputs, stacked outputs written to .npz, and `check_sample`,
+# which holds one input against the manifest (names, dtypes, shapes) before anything is sent.
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,30 @@ def random_inputs(manifest: Manifest, count: int, seed: int = 0) -> list[Sample]
     """`count` seeded random inputs of the model's shapes (dynamic dims = 1)."""
     rng = np.random.default_rng(seed)
     return [{spec.name: _random(spec, rng) for spec in manifest.inputs} for _ in range(count)]
+
+
+def check_sample(specs: list[TensorSpec], sample: dict[str, np.ndarray]) -> Sample:
+    """The sample as arrays, or InputError naming the input and the fix: the names must be
+    exactly the model's inputs, each dtype exact, each shape equal except dynamic dims."""
+    missing = [s.name for s in specs if s.name not in sample]
+    extra = sorted(set(sample) - {s.name for s in specs})
+    if missing or extra:
+        raise InputError(f"inputs must be exactly {[s.name for s in specs]}; missing "
+                         f"{missing}, unexpected {extra}")
+    arrays = {}
+    for spec in specs:
+        array = np.asarray(sample[spec.name])
+        if array.dtype.name != spec.dtype:
+            raise InputError(f"input {spec.name!r} is {array.dtype.name}, the model wants "
+                             f"{spec.dtype}: pass x.astype({spec.dtype!r})")
+        fits = len(array.shape) == len(spec.shape) and all(
+            not isinstance(want, int) or want < 0 or want == got
+            for want, got in zip(spec.shape, array.shape))
+        if not fits:
+            raise InputError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model "
+                             f"wants {tuple(spec.shape)} (None/str = any size); reshape it")
+        arrays[spec.name] = array
+    return arrays
 
 
 def _random(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:

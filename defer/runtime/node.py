@@ -4,23 +4,33 @@
 # Received requests wait in a bounded queue, onnxruntime (plus codec work) runs in ONE worker
 # thread, results wait in a bounded send queue for the next node (or, on the last stage, the
 # dispatcher). Full queues stop reading the socket: that is the backpressure. Forwarded tensors
-# are passed on as received bytes, never decoded. A malformed frame closes only its connection.
+# are passed on as received bytes, never decoded.
+# Hardening: a peer must complete HELLO (with the token proof when the node has a token) before
+# anything else is read, and until then it may send only small frames; a malformed frame, a
+# failed proof or an internal error closes only that connection, with a logged reason; received
+# tensors are checked against the bundle's inputs (dtype, shape) before onnxruntime sees them.
+# Every connection runs `Channel.keepalive`. A CONFIGURE starts a new wiring: work queued under
+# the old one is dropped (the dispatcher replays what has no result). When the next hop is lost,
+# the node tells the dispatcher once (ERROR, request id 0, naming the lost node) and drops what it
+# cannot send; it never fails requests for a transport fault, since the dispatcher may replay them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from defer.errors import (
+    AuthError,
     DeferError,
     InputError,
     ManifestError,
@@ -30,13 +40,19 @@ from defer.errors import (
     UsageError,
 )
 from defer.manifest import sha256_bytes
-from defer.runtime.channel import STREAM_LIMIT, Channel, check_hello
+from defer.runtime.channel import (
+    DEFAULT_HEARTBEAT,
+    STREAM_LIMIT,
+    Channel,
+    client_tls,
+    server_tls,
+)
 from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
 from defer.runtime.protocol import (
+    HANDSHAKE_LIMITS,
     Ack,
     Configure,
     Error,
-    Hello,
     Infer,
     Load,
     Message,
@@ -45,6 +61,7 @@ from defer.runtime.protocol import (
     Result,
     Shutdown,
     Stats,
+    WireTensor,
     raw_nbytes,
 )
 
@@ -53,7 +70,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class NodeConfig:
-    """How to run a node. `port=0` picks a free port; `cpu` pins the process to that core."""
+    """How to run a node. `port=0` picks a free port; `cpu` pins the process to that core.
+
+    `token`: peers must prove they hold it (HMAC challenge-response in HELLO). `tls_cert` +
+    `tls_key`: serve TLS. `tls_ca`: verify the next hop's TLS certificate against this CA.
+    `heartbeat`: seconds between heartbeats on an idle connection (0 = none).
+    """
 
     host: str = "127.0.0.1"
     port: int = 7000
@@ -63,6 +85,12 @@ class NodeConfig:
     queue_size: int = 4
     drain_timeout: float = 10.0
     connect_timeout: float = 10.0
+    token: str | None = field(default=None, repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    heartbeat: float = DEFAULT_HEARTBEAT
+    max_connections: int = 64
 
 
 def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
@@ -84,6 +112,39 @@ def _load_session(model: bytes, threads: int) -> ort.InferenceSession:
         raise ManifestError(f"onnxruntime cannot load the bundle: {err}") from None
 
 
+# onnxruntime's input type strings -> numpy dtype names (others are not checked)
+_ORT_DTYPES = {f"tensor({k})": v for k, v in {
+    "float": "float32", "double": "float64", "float16": "float16", "bool": "bool",
+    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
+    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64"}.items()}
+
+InputSpecs = dict[str, tuple[str | None, tuple[int | None, ...] | None]]
+
+
+def input_specs(session: ort.InferenceSession) -> InputSpecs:
+    """name -> (numpy dtype or None, shape with None for dynamic dims, or None) per input."""
+    specs: InputSpecs = {}
+    for i in session.get_inputs():
+        shape = None if i.shape is None else tuple(
+            d if isinstance(d, int) and d >= 0 else None for d in i.shape)
+        specs[i.name] = (_ORT_DTYPES.get(i.type), shape)
+    return specs
+
+
+def check_inputs(stage: int, specs: InputSpecs, received: dict[str, WireTensor]) -> None:
+    """InputError naming the tensor when what arrived is not what the bundle takes."""
+    for name, (dtype, shape) in specs.items():
+        tensor = received[name]
+        if dtype is not None and tensor.dtype != dtype:
+            raise InputError(f"stage {stage}: tensor {name!r} arrived as {tensor.dtype}, the "
+                             f"bundle takes {dtype}")
+        if shape is not None and (len(tensor.shape) != len(shape) or any(
+                want is not None and want != got for want, got in zip(shape, tensor.shape))):
+            raise InputError(f"stage {stage}: tensor {name!r} arrived with shape "
+                             f"{list(tensor.shape)}, the bundle takes "
+                             f"{['?' if d is None else d for d in shape]}")
+
+
 class _Counters:
     """What STATS reports. Written by the loop and the worker thread, each its own fields."""
 
@@ -94,6 +155,7 @@ class _Counters:
         self.bytes_out: Counter[str] = Counter()
         self.raw_out = 0  # what bytes_out would be with the raw codec
         self.queue_max = 0
+        self.refused = 0  # connections closed for a bad HELLO, token, frame or over the limit
         self.started = time.monotonic()
 
 
@@ -102,6 +164,7 @@ class Node:
         self.config = config
         self.node_id = f"{config.host}:{config.port}"
         self._session: ort.InferenceSession | None = None
+        self._specs: InputSpecs = {}
         self._sha: str | None = None
         self._plan: Configure | None = None
         self._generation = 0  # bumped per dispatcher session; stale work is dropped
@@ -114,6 +177,14 @@ class Node:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._tg: asyncio.TaskGroup | None = None
+        self._connections = 0
+        self._server_tls = self._client_tls = None
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise UsageError("TLS needs both --tls-cert and --tls-key")
+        if config.tls_cert is not None:
+            self._server_tls = server_tls(config.tls_cert, config.tls_key)
+        if config.tls_ca is not None:
+            self._client_tls = client_tls(config.tls_ca)
         self.counters = _Counters()
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -135,7 +206,9 @@ class Node:
                 await server.start_serving()
                 host, port = server.sockets[0].getsockname()[:2]
                 self.node_id = f"{host}:{port}"
-                log.info("node %s listening (bundle %s)", self.node_id, self._sha or "none yet")
+                log.info("node %s listening (bundle %s, %s, %s)", self.node_id,
+                         self._sha or "none yet", "TLS" if self._server_tls else "plain TCP",
+                         "token required" if self.config.token else "no token")
                 if on_ready is not None:
                     on_ready(host, port)
                 await self._stop.wait()
@@ -156,9 +229,12 @@ class Node:
 
     async def _listen(self) -> asyncio.Server:
         try:
+            tls = {"ssl": self._server_tls,
+                   "ssl_handshake_timeout": self.config.connect_timeout} \
+                if self._server_tls else {}
             return await asyncio.start_server(self._on_connect, self.config.host,
                                               self.config.port, start_serving=False,
-                                              limit=STREAM_LIMIT)
+                                              limit=STREAM_LIMIT, **tls)
         except OSError as err:
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
                                f"{err.strerror or err}; pick another --port (0 = any free)") from None
@@ -188,26 +264,40 @@ class Node:
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         name = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
-        self._spawn(self._connection(Channel(reader, writer, name)))
+        if self._connections >= self.config.max_connections:
+            self.counters.refused += 1
+            log.warning("refusing connection from %s: %d connections open, the limit", name,
+                        self._connections)
+            writer.transport.abort()
+            return
+        self._connections += 1
+        self._spawn(self._connection(Channel(reader, writer, name, HANDSHAKE_LIMITS)))
 
     # --- connections ------------------------------------------------------------------------
 
     async def _connection(self, chan: Channel) -> None:
         try:
-            hello = await asyncio.wait_for(chan.recv(), self.config.connect_timeout)
-            check_hello(hello, chan.peer)
+            hello = await chan.accept(self.node_id, self.config.token, self._sha,
+                                      self.config.connect_timeout, self.config.heartbeat)
             if hello.role == "dispatcher" and self._control is not None:
                 self._replace_dispatcher(chan)
-            await chan.send(Hello(node_id=self.node_id, role="node", bundle_sha256=self._sha))
+            self._spawn(chan.keepalive(self.config.heartbeat))
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
             else:
                 await self._data_loop(chan)
-        except ProtocolError as err:
+            if chan.dead_reason:
+                log.warning("dropped connection from %s: %s", chan.peer, chan.dead_reason)
+        except (AuthError, ProtocolError) as err:
+            self.counters.refused += 1
             log.warning("closing connection from %s: %s", chan.peer, err)
         except (TimeoutError, OSError) as err:
-            log.info("connection from %s lost: %s", chan.peer, err)
+            log.info("connection from %s lost: %s", chan.peer,
+                     chan.dead_reason or err or type(err).__name__)
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("internal error on the connection from %s; closing it", chan.peer)
         finally:
+            self._connections -= 1
             if chan is self._control:
                 self._end_session()
             await chan.close()
@@ -232,7 +322,7 @@ class Node:
                     await self._reply(chan, msg, self._on_configure(msg))
                 case Stats():
                     chan.write(Stats(request_id=msg.request_id, counters=self.stats()))
-                case Ping():
+                case Ping():  # heartbeats (request id 0) never get here
                     chan.write(Pong(request_id=msg.request_id))
                 case Shutdown():
                     await chan.send(Ack(request_id=msg.request_id, what="shutdown"))
@@ -243,8 +333,9 @@ class Node:
     async def _reply(self, chan: Channel, msg: Message, action) -> None:
         try:
             what = await action
-        except DeferError as err:
-            await chan.send(Error(request_id=msg.request_id, reason=str(err), node=self.node_id))
+        except (DeferError, TimeoutError, OSError) as err:
+            reason = str(err) or f"{type(err).__name__} while handling {msg.TYPE.name}"
+            await chan.send(Error(request_id=msg.request_id, reason=reason, node=self.node_id))
         else:
             await chan.send(Ack(request_id=msg.request_id, what=what))
 
@@ -252,7 +343,8 @@ class Node:
         # The newest dispatcher wins: the old one is gone or about to be (closing races ours).
         old = self._control
         log.warning("dispatcher %s replaces %s", chan.peer, old.peer)
-        old.write(Error(reason=f"replaced by dispatcher {chan.peer}", node=self.node_id))
+        with contextlib.suppress(OSError):
+            old.write(Error(reason=f"replaced by dispatcher {chan.peer}", node=self.node_id))
         old.writer.close()
         self._end_session()
 
@@ -260,9 +352,36 @@ class Node:
         log.info("dispatcher %s disconnected; dropping its chain", self._control.peer)
         self._control, self._plan = None, None
         self._generation += 1
-        if self._downstream is not None:
-            self._downstream.writer.close()
-            self._downstream = None
+        self._drop_downstream("the dispatcher left")
+
+    def _drop_downstream(self, reason: str) -> None:
+        chan, self._downstream = self._downstream, None
+        if chan is not None:
+            chan.abort(reason)
+
+    def _lose_downstream(self, chan: Channel, reason: str) -> None:
+        """The next hop failed: tell the dispatcher once, naming it, so it can fail over."""
+        if chan is not self._downstream:
+            return  # already replaced or dropped on purpose
+        self._drop_downstream(reason)
+        log.error("next hop %s lost: %s", chan.peer, reason)
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.write(Error(reason=f"next hop {chan.peer} lost: {reason}",
+                                          node=chan.peer))
+
+    async def _watch_downstream(self, chan: Channel) -> None:
+        """Read the next hop's connection (it sends only heartbeats) until it ends."""
+        self._spawn(chan.keepalive(self.config.heartbeat))
+        try:
+            while (msg := await chan.recv()) is not None:
+                if not isinstance(msg, Pong):
+                    raise ProtocolError(f"the next hop sent {msg.TYPE.name}; it should send "
+                                        "only heartbeats")
+            reason = chan.dead_reason or "it closed the connection"
+        except (ProtocolError, OSError) as err:
+            reason = chan.dead_reason or str(err) or type(err).__name__
+        self._lose_downstream(chan, reason)
 
     # --- control actions --------------------------------------------------------------------
 
@@ -271,6 +390,7 @@ class Node:
         session = await loop.run_in_executor(self._executor, _load_session, bytes(data),
                                              self.config.threads)
         self._session, self._sha, self._plan = session, sha, None
+        self._specs = input_specs(session)
         log.info("loaded bundle %s (%d bytes)", sha[:12], len(data))
 
     async def _on_load(self, msg: Load) -> str:
@@ -294,14 +414,20 @@ class Node:
             if missing:
                 raise ManifestError(f"stage {msg.stage}: bundle {what} {sorted(missing)} that "
                                     "the plan does not provide; manifest and bundle disagree")
-        if self._downstream is not None:
-            await self._downstream.close()
-            self._downstream = None
+        self._generation += 1  # a new wiring: queued work is dropped, the dispatcher replays it
+        self._plan = None
+        self._drop_downstream("rewired")
         if msg.next_hop != "dispatcher":
-            chan = await Channel.connect(msg.next_hop, self.config.connect_timeout)
-            await chan.handshake(Hello(node_id=self.node_id, role="upstream"),
-                                 self.config.connect_timeout)
+            chan = await Channel.connect(msg.next_hop, self.config.connect_timeout,
+                                         self._client_tls)
+            try:
+                await chan.handshake("upstream", self.config.token, self.config.connect_timeout,
+                                     self.config.heartbeat, node_id=self.node_id)
+            except BaseException:
+                chan.abort("handshake failed")
+                raise
             self._downstream = chan
+            self._spawn(self._watch_downstream(chan))
         self._plan = msg
         log.info("configured as stage %d/%d, next hop %s, codec %s", msg.stage, msg.n_stages,
                  msg.next_hop, msg.codec)
@@ -316,6 +442,7 @@ class Node:
             "wall_s": time.monotonic() - c.started, "bytes_in": dict(c.bytes_in),
             "bytes_out": dict(c.bytes_out), "raw_out": c.raw_out, "queue_depth": self._compute_q.qsize(),
             "queue_max": c.queue_max, "send_queue_depth": self._send_q.qsize(),
+            "refused": c.refused, "connections": self._connections,
         }
 
     # --- the pipeline -----------------------------------------------------------------------
@@ -330,30 +457,37 @@ class Node:
         loop = asyncio.get_running_loop()
         while True:
             generation, msg = await self._compute_q.get()
-            plan, session = self._plan, self._session
+            plan, session, specs = self._plan, self._session, self._specs
             if generation != self._generation or plan is None or session is None:
-                log.warning("dropping request %d: no chain configured", msg.request_id)
+                log.debug("dropping request %d: queued under an old wiring", msg.request_id)
                 continue
             self._in_worker += 1  # until it is in the send queue, so a drain waits for it
             try:
                 out = await loop.run_in_executor(self._executor, self._run_stage, plan,
-                                                 session, msg)
+                                                 session, specs, msg)
             except DeferError as err:
                 self.counters.errors += 1
                 log.warning("request %d failed: %s", msg.request_id, err)
                 out = Error(request_id=msg.request_id, reason=str(err), node=self.node_id)
+            except Exception as err:  # a bug must fail one request, never the node
+                self.counters.errors += 1
+                log.exception("request %d: internal error", msg.request_id)
+                out = Error(request_id=msg.request_id, node=self.node_id,
+                            reason=f"internal error at stage {plan.stage}: {err!r:.200}")
             try:
                 await self._send_q.put((generation, out))
             finally:
                 self._in_worker -= 1
 
-    def _run_stage(self, plan: Configure, session: ort.InferenceSession, msg: Infer) -> Message:
-        """Worker thread: decode what onnxruntime consumes, run it, encode, add forwards."""
+    def _run_stage(self, plan: Configure, session: ort.InferenceSession, specs: InputSpecs,
+                   msg: Infer) -> Message:
+        """Worker thread: check and decode what onnxruntime consumes, run it, encode, forward."""
         c, t0 = self.counters, time.perf_counter()
         received = {t.name: t for t in msg.tensors}
         if set(received) != set(plan.receives):
             raise InputError(f"stage {plan.stage} expects tensors {sorted(plan.receives)}, "
                              f"got {sorted(received)}")
+        check_inputs(plan.stage, specs, received)
         feeds = {i.name: decode_tensor(received[i.name]) for i in session.get_inputs()}
         t1 = time.perf_counter()
         try:
@@ -379,17 +513,14 @@ class Node:
                 continue
             to_dispatcher = isinstance(msg, Result | Error)
             chan = self._control if to_dispatcher else self._downstream
-            if chan is None:
-                log.warning("dropping request %d: nowhere to send it", msg.request_id)
+            if chan is None or chan.closing:
+                log.debug("dropping request %d: nowhere to send it", msg.request_id)
                 continue
             try:
                 await chan.send(msg)
             except OSError as err:
-                reason = f"next hop {chan.peer} unreachable: {err}"
-                log.error("request %d: %s", msg.request_id, reason)
-                if self._control is not None and not to_dispatcher:
-                    self._control.write(Error(request_id=msg.request_id, reason=reason,
-                                              node=self.node_id))
+                if not to_dispatcher:
+                    self._lose_downstream(chan, str(err) or type(err).__name__)
                 continue
             if isinstance(msg, Infer | Result):
                 for t in msg.tensors:
