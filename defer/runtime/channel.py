@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from pathlib import Path
 
@@ -91,14 +92,17 @@ class Channel:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, limit=STREAM_LIMIT, **extra), timeout)
-        except ssl.SSLError as err:
-            raise NodeError(f"node {address}: TLS handshake failed ({err.reason or err}); does "
-                            "it serve TLS, and does --tls-ca hold the CA that signed its "
-                            "certificate?", node=address) from None
-        except (TimeoutError, OSError) as err:
-            reason = "timed out" if isinstance(err, TimeoutError) else str(err)
-            raise NodeError(f"node {address} is not reachable ({reason}); is `defer serve` "
+        except TimeoutError:  # before OSError, its base class
+            raise NodeError(f"node {address} is not reachable (timed out); is `defer serve` "
                             "running there?", node=address) from None
+        except OSError as err:
+            if tls is None or isinstance(err, ConnectionRefusedError | socket.gaierror):
+                raise NodeError(f"node {address} is not reachable ({err}); is `defer serve` "
+                                "running there?", node=address) from None
+            reason = getattr(err, "reason", None) or str(err) or type(err).__name__
+            raise NodeError(f"node {address}: TLS handshake failed ({reason}); does it serve "
+                            "TLS, and does --tls-ca hold the CA that signed its certificate?",
+                            node=address) from None
         return cls(reader, writer, address)
 
     async def recv(self) -> Message | None:
