@@ -4,7 +4,10 @@
 # bundle, an absent node or a silent node fail fast with an error naming the node.
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 import socket
 import threading
 import time
@@ -218,7 +221,8 @@ def test_dispatch_help_shows_every_option_with_help():
     result = CliRunner().invoke(main, ["dispatch", "--help"])
     assert result.exit_code == 0
     for option in ("--manifest", "--nodes", "--input", "--count", "--inflight", "--codec",
-                   "--output", "--report", "--timeout", "default: 30.0"):
+                   "--output", "--report", "--timeout", "default: 30.0", "--spares", "--token",
+                   "DEFER_TOKEN", "--tls-ca", "--heartbeat"):
         assert option in result.output
 
 
@@ -302,3 +306,48 @@ def test_a_node_dying_mid_stream_fails_fast_naming_it(residual):
             assert time.monotonic() - start < 15
     finally:
         stop_processes(nodes)
+
+
+# --- bad input, corrupt bundle, hash mismatch: a clear error each, exit code 2 -----------------
+
+def _cli_dispatch(manifest_path, nodes, *extra):
+    return CliRunner().invoke(main, ["dispatch", "--manifest", str(manifest_path), "--nodes",
+                                     ",".join(nodes), "--timeout", "10", *extra])
+
+
+@pytest.mark.parametrize("array, match", [
+    (np.zeros((2, 1, 15), np.float32), "shape"),
+    (np.zeros((2, 1, 16), np.float64), r"float64, the model wants float32: pass x.astype"),
+])
+def test_a_wrong_input_file_exits_2_before_connecting(residual, tmp_path, array, match):
+    _, manifest = residual
+    path = tmp_path / "x.npy"
+    np.save(path, array)
+    result = _cli_dispatch(manifest.path, ["127.0.0.1:1"] * 3, "--input", str(path))
+    assert result.exit_code == 2, result.output
+    assert re.search(match, result.output) and "not reachable" not in result.output
+
+
+def test_corrupt_bundles_and_hash_mismatches_exit_2(residual, chain, tmp_path):
+    _, manifest = residual
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.path.parent, copy)
+    bundle = copy / manifest.stages[0].file
+    bundle.write_bytes(bundle.read_bytes()[:-10])  # corrupt, manifest unchanged
+    empty = start_node()
+    try:
+        result = _cli_dispatch(copy, [empty.address, chain[1], chain[2]], "--count", "1")
+        assert result.exit_code == 2, result.output
+        assert "corrupt or from another compile" in result.output
+        # the same corrupt bytes with a manifest that vouches for them: the node refuses them
+        data = json.loads((copy / "manifest.json").read_text())
+        data["stages"][0]["sha256"] = hashlib.sha256(bundle.read_bytes()).hexdigest()
+        (copy / "manifest.json").write_text(json.dumps(data))
+        result = _cli_dispatch(copy, [empty.address, chain[1], chain[2]], "--count", "1")
+        assert result.exit_code == 2, result.output
+        assert "refused LOAD" in result.output and "cannot load the bundle" in result.output
+    finally:
+        stop_processes([empty])
+    # a node that serves another bundle than the manifest lists
+    result = _cli_dispatch(manifest.path, [chain[2], chain[0], chain[1]], "--count", "1")
+    assert result.exit_code == 2 and "serves bundle" in result.output, result.output
