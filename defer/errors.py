@@ -56,7 +56,9 @@ class NodeError(DeferError):
 
 
 class AuthError(NodeError):
-    """Authentication failed (wrong or missing token)."""
+    """Authentication failed (wrong or missing token): a configuration mistake, exit code 2."""
+
+    exit_code = 2
 
 
 class DeferTimeoutError(NodeError):

@@ -214,7 +214,7 @@ def test_cli_reads_the_token_from_the_environment(one_stage, guarded):
     ok = CliRunner().invoke(main, args, env={"DEFER_TOKEN": TOKEN})
     assert ok.exit_code == 0, ok.output
     wrong = CliRunner().invoke(main, args, env={"DEFER_TOKEN": "nope"})
-    assert wrong.exit_code == 1 and "tokens differ" in wrong.output
+    assert wrong.exit_code == 2 and "tokens differ" in wrong.output
     assert TOKEN not in " ".join(guarded.process.args)  # the secret is not on a command line
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     assert "DEFER_TOKEN" in help_text and "--tls-cert" in help_text

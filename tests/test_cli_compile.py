@@ -81,3 +81,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_path, tmp_path, a
     assert "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if "error" in line]) == 1
     assert not out.exists()
+
+
+def test_keras_input_without_tensorflow_says_which_extra(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"not really")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
+    result = _run("compile", path, "-n", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "pip install 'defer-edge[keras]'" in result.output
+    assert "Traceback" not in result.output

@@ -88,3 +88,14 @@ def test_bandwidth_limit_avoids_wide_cuts(built, tmp_path):
     problem = build_problem(info, estimate_costs(info), 2, bandwidth=10e6 / 8)
     blind_at_10 = evaluate(problem, blind.plan["bounds"])
     assert limited.plan["bottleneck"] < blind_at_10.bottleneck
+
+
+def test_saved_model_directory_compiles(tmp_path):
+    model = examples.EXAMPLES["tiny_cnn"](0)
+    model.export(str(tmp_path / "saved"))
+    loaded = load_model(tmp_path / "saved")
+    manifest = compile_model(loaded, 3, tmp_path / "out")
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    chain = run_chain(manifest, {manifest.inputs[0].name: x})
+    want = model.predict(x, verbose=0)
+    assert np.max(np.abs(chain[manifest.outputs[0].name] - want)) <= 1e-4
