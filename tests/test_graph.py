@@ -69,3 +69,19 @@ def test_explicit_cuts_make_the_stages(tmp_path):
                              profile=False)
     assert manifest.plan["strategy"] == "cuts"
     assert [s.last_node for s in manifest.stages] == ["add0", "add1", "head"]
+
+
+def test_wire_costs_price_the_codec():
+    from defer.compiler.wire import measure_wire
+
+    info = _info(dense_chain(layers=4, width=64))
+    raw = np.array([info.crossing_bytes(k) for k in range(info.n_nodes + 1)], dtype=float)
+    lossy = measure_wire(info, "zfp:1e-1")
+    assert np.all(lossy.cut_bytes[1:] < raw[1:])  # every cut is cheaper on the wire
+    assert np.all(lossy.encode[1:] > 0) and np.all(lossy.decode[1:] > 0)  # codec time priced
+
+
+def test_codec_and_overlap_are_recorded_in_the_plan(tmp_path):
+    manifest = compile_model(residual_mlp(blocks=3), 2, tmp_path, profile=False, codec="lz4",
+                             bandwidth=1e6, overlap=True)
+    assert manifest.plan["overlap"] is True and manifest.codec["default"] == "lz4"

@@ -15,9 +15,9 @@ from defer.errors import PlanError
 
 def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
     # Written out independently of Problem.time_matrix on purpose.
-    t = (sum(p.compute[a:b]) + p.enter[a] + p.leave[b]) / p.speeds[s] + p.latency
-    if p.bandwidth:
-        t += p.cut_bytes[a] / p.bandwidth
+    compute = (sum(p.compute[a:b]) + p.enter[a] + p.leave[b]) / p.speeds[s]
+    transfer = p.cut_bytes[a] / p.bandwidth if p.bandwidth else 0.0
+    t = (max(compute, transfer) if p.overlap else compute + transfer) + p.latency
     if p.memory is not None and p.memory[a, b] > p.memory_cap:
         return float("inf")
     return t
@@ -64,7 +64,9 @@ def problems(draw):
     cut_cost = st.lists(st.sampled_from([0.0, 0.0, 0.5, 2.0]), min_size=n_nodes + 1,
                         max_size=n_nodes + 1)
     enter, leave = np.array(draw(cut_cost)), np.array(draw(cut_cost))
-    return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap, enter, leave)
+    overlap = draw(st.booleans())
+    return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap, enter, leave,
+                   overlap)
 
 
 @settings(max_examples=400, deadline=None)

@@ -29,6 +29,9 @@ from defer.units import format_bytes, parse_bandwidth, parse_size
 @click.option("--local-input", is_flag=True,
               help="The dispatcher sits beside the first node: the model input does not cross "
                    "a --bandwidth-limited link.")
+@click.option("--overlap", is_flag=True,
+              help="Price a stage as max(compute, transfer) rather than their sum: nodes "
+                   "receive while they compute.")
 @click.option("--speeds", default=None, metavar="S0,S1,...",
               help="Relative speed of each node in chain order, e.g. 2,1,1.  [default: all 1]")
 @click.option("--memory", default=None, metavar="SIZE",
@@ -37,12 +40,14 @@ from defer.units import format_bytes, parse_bandwidth, parse_size
 @click.option("--profile/--no-profile", default=True, show_default=True,
               help="Cost nodes with onnxruntime's profiler, or with a FLOP/byte estimate.")
 @click.option("--codec", default="raw", show_default=True,
-              help="Default activation codec on every hop: raw, lz4, zfp, zfp:<tol>, zfp+lz4.")
+              help="Activation codec on every hop: raw, lz4, zfp, zfp:<tol>, zfp+lz4. The plan "
+                   "prices its encoded bytes and codec time, measured on a sample input.")
 @click.option("--verify", is_flag=True, help="Run the stages in one process and compare with "
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative error accepted by --verify.")
-def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency, local_input, speeds, memory,
+def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency, local_input,
+                    overlap, speeds, memory,
                     batch, profile, codec, verify, tolerance):
     """Cut MODEL (.onnx, .h5, .keras or a SavedModel folder) into balanced ONNX stages."""
     from defer.compiler import compile_model, load_model
@@ -58,7 +63,7 @@ def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency
         loaded, n_stages, out_dir, strategy=strategy, cuts=cuts,
         bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
         speeds=speed_list, memory=parse_size(memory) if memory else None,
-        latency=latency / 1e3, local_input=local_input, batch=batch, profile=profile, codec=codec)
+        latency=latency / 1e3, local_input=local_input, overlap=overlap, batch=batch, profile=profile, codec=codec)
     click.echo(render_plan(manifest))
     if verify:
         fidelity = verify_chain(manifest, loaded, batch=batch, tolerance=tolerance)

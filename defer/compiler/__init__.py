@@ -21,6 +21,7 @@ from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
 from defer.compiler.profile import Costs, estimate_costs, profile_costs
 from defer.compiler.verify import Fidelity, compare, run_chain, session
+from defer.compiler.wire import WireCosts, measure_wire
 from defer.errors import PlanError, UsageError, VerifyError
 from defer.manifest import Manifest
 
@@ -44,6 +45,7 @@ def compile_model(
     memory: float | None = None,
     latency: float = 0.0,
     local_input: bool = False,
+    overlap: bool = False,
     batch: int = 1,
     profile: bool = True,
     profile_runs: int = 10,
@@ -61,7 +63,9 @@ def compile_model(
         raise PlanError(f"-n {n_stages} is more stages than the model has nodes "
                         f"({info.n_nodes}); pass -n {info.n_nodes} or fewer")
     costs = profile_costs(info, runs=profile_runs) if profile else estimate_costs(info)
-    problem = build_problem(info, costs, n_stages, speeds, bandwidth, latency, memory, local_input)
+    wire = measure_wire(info, codec) if codec != "raw" else None
+    problem = build_problem(info, costs, n_stages, speeds, bandwidth, latency, memory,
+                            local_input, overlap, wire)
     plan = _choose_plan(info, problem, strategy, cuts)
     baseline = equal_layers(problem)
     log.info("plan: %r", plan)
@@ -100,16 +104,20 @@ def verify(manifest: Manifest, model: str | Path | onnx.ModelProto | LoadedModel
 def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
                   speeds: Sequence[float] | None = None, bandwidth: float | None = None,
                   latency: float = 0.0, memory: float | None = None,
-                  local_input: bool = False) -> Problem:
+                  local_input: bool = False, overlap: bool = False,
+                  wire: WireCosts | None = None) -> Problem:
     """The partitioning problem of `info`: costs, bytes at every cut, memory per segment."""
     cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_nodes + 1)], dtype=float)
-    link_bytes = cut_bytes.copy()
-    if local_input:
-        link_bytes[0] = 0.0
     if not isinstance(costs, Costs):
         costs = Costs.nodes_only(np.asarray(costs, dtype=float), "given")
+    enter, leave = costs.enter, costs.leave
+    link_bytes = cut_bytes.copy()
+    if wire is not None:
+        link_bytes, enter, leave = wire.cut_bytes.copy(), enter + wire.decode, leave + wire.encode
+    if local_input:
+        link_bytes[0] = 0.0
     return Problem(
-        compute=costs.node, cut_bytes=link_bytes, enter=costs.enter, leave=costs.leave,
+        compute=costs.node, cut_bytes=link_bytes, enter=enter, leave=leave, overlap=overlap,
         speeds=list(speeds) if speeds else [1.0] * n_stages,
         bandwidth=bandwidth, latency=latency,
         memory=_memory_matrix(info, cut_bytes) if memory else None, memory_cap=memory,
@@ -208,7 +216,7 @@ def _plan_record(plan: Plan, problem: Problem, baseline: Plan, cost_source: str,
         "strategy": plan.strategy, "n_stages": len(plan.stage_times), "batch": batch,
         "cost_source": cost_source,
         "bandwidth": problem.bandwidth, "latency": problem.latency, "speeds": problem.speeds,
-        "local_input": bool(problem.cut_bytes[0] == 0),
+        "local_input": bool(problem.cut_bytes[0] == 0), "overlap": problem.overlap,
         "memory_cap": memory, "bounds": plan.bounds,
         **_plan_figures(plan, batch),
         "baselines": {"layers": {"bounds": baseline.bounds, **_plan_figures(baseline, batch)}},

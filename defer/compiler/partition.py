@@ -7,7 +7,11 @@ Stage s covers nodes [a, b) and runs on a node of relative speed speeds[s]:
 
 `cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs); `enter`/`leave`
 are the measured extra costs of starting / ending a stage at a cut (layout reorders, fusions
-broken by the cut), zero when unknown. The objective is
+broken by the cut, codec work), zero when unknown. With `overlap`, a node receives while it
+computes, so the link into a stage and the node are separate pipeline resources:
+
+    time(s, a, b) = max((compute[a:b] + enter[a] + leave[b]) / speeds[s],
+                        cut_bytes[a] / bandwidth) + latency The objective is
 lexicographic: the slowest stage (pipeline throughput = 1 / slowest), then fewer bytes on the
 wire (interior cuts), then lower total latency (sum of stage times). `memory[a, b]` over a cap
 makes a stage infeasible. `balanced` solves it exactly in two dynamic programmes: the first finds
@@ -36,6 +40,7 @@ class Problem:
     memory_cap: float | None = None
     enter: np.ndarray | None = None  # (N+1,) seconds at speed 1
     leave: np.ndarray | None = None  # (N+1,)
+    overlap: bool = False  # transfer overlaps compute: max instead of sum
 
     @property
     def n_nodes(self) -> int:
@@ -54,8 +59,10 @@ class Problem:
             work = work + self.enter[:, None]
         if self.leave is not None:
             work = work + self.leave[None, :]
-        times = work / self.speeds[stage] + comm[:, None]
-        times = times + self.latency
+        if self.overlap:
+            times = np.maximum(work / self.speeds[stage], comm[:, None]) + self.latency
+        else:
+            times = work / self.speeds[stage] + comm[:, None] + self.latency
         a, b = np.indices(times.shape)
         times[a >= b] = np.inf
         if self.memory is not None and self.memory_cap is not None:
@@ -181,7 +188,8 @@ def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit:
 
 def _unconstrained_time(problem: Problem, stage: int, a: int, b: int) -> float:
     free = Problem(problem.compute, problem.cut_bytes, problem.speeds, problem.bandwidth,
-                   problem.latency, enter=problem.enter, leave=problem.leave)
+                   problem.latency, enter=problem.enter, leave=problem.leave,
+                   overlap=problem.overlap)
     return float(free.time_matrix(stage)[a, b])
 
 

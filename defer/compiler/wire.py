@@ -1,0 +1,84 @@
+"""What the crossing tensors cost on the wire under a codec: bytes, encode and decode seconds.
+
+The model runs once on a seeded sample input with every crossing tensor as an extra output;
+each tensor is then encoded and decoded with the runtime's own codec. Compression ratios depend
+on the data, so they are what this sample input gives (real inputs may compress differently).
+The encode seconds of every tensor crossing cut k are charged to the stage that ends at k, the
+decode seconds to the stage that starts at k (forwarded tensors are not re-encoded by the
+runtime, so this slightly overcharges stages that forward).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from defer.compiler.graph import GraphInfo
+from defer.compiler.load import sample_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WireCosts:
+    cut_bytes: np.ndarray  # (N+1,) encoded bytes crossing each cut
+    encode: np.ndarray  # (N+1,) seconds to encode everything crossing cut k
+    decode: np.ndarray  # (N+1,) seconds to decode it
+
+
+def measure_wire(info: GraphInfo, codec: str, repeats: int = 3) -> WireCosts:
+    """Encoded size and codec time of every crossing tensor, summed per cut."""
+    from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
+
+    parsed = parse_codec(codec)
+    values = _crossing_values(info)
+    sizes, enc, dec = {}, {}, {}
+    for name, array in values.items():
+        enc_times, dec_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            wire = encode_tensor(name, array, parsed)
+            middle = time.perf_counter()
+            decode_tensor(wire)
+            dec_times.append(time.perf_counter() - middle)
+            enc_times.append(middle - start)
+        sizes[name], enc[name], dec[name] = wire.nbytes, statistics.median(enc_times), \
+            statistics.median(dec_times)
+    n = info.n_nodes
+    costs = WireCosts(np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1))
+    for k in range(n + 1):
+        for t in info.crossing(k):
+            costs.cut_bytes[k] += sizes.get(t, info.tensor_bytes(t))
+            costs.encode[k] += enc.get(t, 0.0)
+            costs.decode[k] += dec.get(t, 0.0)
+    raw = sum(info.tensor_bytes(t) for t in values)
+    log.info("codec %s: crossing tensors %.1f MB raw -> %.1f MB encoded on a sample input",
+             codec, raw / 1e6, sum(sizes.values()) / 1e6)
+    return costs
+
+
+def _crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
+    """Every tensor that crosses some cut, from one run of the whole model."""
+    import onnxruntime as ort
+
+    names = sorted({t for k in range(info.n_nodes + 1) for t in info.crossing(k)})
+    feeds = sample_inputs(info.model, batch=info.batch)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(info.model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in names
+                              if t not in existing and t not in feeds)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    wanted = [t for t in names if t not in feeds]
+    values = dict(zip(wanted, session.run(wanted, feeds)))
+    values.update({t: feeds[t] for t in names if t in feeds})
+    return values
