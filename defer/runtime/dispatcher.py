@@ -355,7 +355,8 @@ class Dispatcher:
     def _on_lost(self, chan: Channel, error: NodeError) -> None:
         stage = self._stage_of.pop(chan, None)
         if stage is None or self._closing or self.state == "setup":
-            log.info("%s", error)
+            # An orderly shutdown closes every connection: not news for the user.
+            (log.debug if self._closing else log.info)("%s", error)
             return
         log.error("%s", error)
         if self.state == "failed":
