@@ -484,11 +484,11 @@ class Node:
         """Worker thread: check and decode what onnxruntime consumes, run it, encode, forward."""
         c, t0 = self.counters, time.perf_counter()
         received = {t.name: t for t in msg.tensors}
-        if set(received) != set(plan.receives):
+        if received.keys() != plan.receives_set:
             raise InputError(f"stage {plan.stage} expects tensors {sorted(plan.receives)}, "
                              f"got {sorted(received)}")
         check_inputs(plan.stage, specs, received)
-        feeds = {i.name: decode_tensor(received[i.name]) for i in session.get_inputs()}
+        feeds = {name: decode_tensor(received[name]) for name in specs}
         t1 = time.perf_counter()
         try:
             arrays = session.run(list(plan.outputs), feeds)

@@ -9,6 +9,7 @@
 # allocate more than that. HANDSHAKE_LIMITS bound what an unauthenticated peer may send.
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections import deque
@@ -239,6 +240,11 @@ class Configure(_Base):
     receives: tuple[str, ...] = ()
     forward: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def receives_set(self) -> frozenset[str]:
+        """`receives` as a set, built once: a node compares every request against it."""
+        return frozenset(self.receives)
 
     @classmethod
     def _from_wire(cls, request_id: int, values: dict[str, Any], segs: list,
