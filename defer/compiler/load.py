@@ -182,22 +182,12 @@ def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
 
 def sample_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs of the model's input shapes, dynamic dims set to `batch`."""
-    rng = np.random.default_rng(seed)
+    from defer.compiler.graph import value_info_spec
+    from defer.runtime.inputs import random_inputs
+
     inits = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = np.zeros(shape, dtype)
-        else:
-            feeds[vi.name] = rng.integers(0, 2, size=shape).astype(dtype)
-    return feeds
+    specs = [value_info_spec(vi) for vi in model.graph.input if vi.name not in inits]
+    return random_inputs([s for s in specs if s is not None], 1, seed, batch)[0]
 
 
 def _sha256(data: bytes) -> str:

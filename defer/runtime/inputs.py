@@ -13,10 +13,13 @@ from defer.manifest import Manifest, TensorSpec
 Sample = dict[str, np.ndarray]
 
 
-def random_inputs(manifest: Manifest, count: int, seed: int = 0) -> list[Sample]:
-    """`count` seeded random inputs of the model's shapes (dynamic dims = 1)."""
+def random_inputs(model: Manifest | list[TensorSpec], count: int, seed: int = 0,
+                  batch: int = 1) -> list[Sample]:
+    """`count` seeded random inputs of a manifest's (or these specs') shapes, dynamic dims set
+    to `batch`."""
+    specs = model.inputs if isinstance(model, Manifest) else model
     rng = np.random.default_rng(seed)
-    return [{spec.name: _random(spec, rng) for spec in manifest.inputs} for _ in range(count)]
+    return [{spec.name: _random(spec, rng, batch) for spec in specs} for _ in range(count)]
 
 
 def check_sample(specs: list[TensorSpec], sample: dict[str, np.ndarray]) -> Sample:
@@ -43,8 +46,8 @@ def check_sample(specs: list[TensorSpec], sample: dict[str, np.ndarray]) -> Samp
     return arrays
 
 
-def _random(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
-    shape = spec.concrete_shape(1)
+def _random(spec: TensorSpec, rng: np.random.Generator, batch: int) -> np.ndarray:
+    shape = spec.concrete_shape(batch)
     dtype = np.dtype(spec.dtype)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
