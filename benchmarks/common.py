@@ -45,27 +45,13 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 # --- measuring ------------------------------------------------------------------------------
 
 
-def single_device(model_bytes: bytes, samples: list[dict], warmup: int = 3) -> dict:
+def single_device(manifest, whole_model, samples: list[dict], warmup: int = 3) -> dict:
     """The whole model in this process, pinned to one core, one onnxruntime thread."""
-    import os
-    import time
+    from defer.runtime.cluster import single_process
 
-    from defer.runtime.node import make_session
-
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cores)})
-    try:
-        session = make_session(model_bytes, 1)
-        for sample in samples[:warmup]:
-            session.run(None, sample)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for sample in samples[warmup:]:
-            session.run(None, sample)
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    finally:
-        os.sched_setaffinity(0, cores)
-    count = len(samples) - warmup
-    return {"throughput": count / wall, "cpu_s_per_inference": cpu / count, "count": count}
+    result = single_process(manifest, whole_model, samples, warmup)
+    result.pop("outputs")
+    return result
 
 
 def chain_stats(manifest, addresses: list[str], samples: list[dict], codec: str | None = None,

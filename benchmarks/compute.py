@@ -25,7 +25,6 @@ def run(ctx: Context, loaded, samples: list[dict]) -> dict:
     from defer.runtime.cluster import LocalCluster
     from defer.runtime.report import DEFAULT_WATTS_PER_CORE
 
-    model_bytes = loaded.model.SerializeToString()
     result: dict = {"watts_per_core_assumed": DEFAULT_WATTS_PER_CORE}
     sizes = (2, 4) if ctx.quick else (2, 4, 8)
     manifests = {n: compile_model(loaded, n, ctx.work_dir / f"r50-n{n}") for n in sizes}
@@ -34,7 +33,7 @@ def run(ctx: Context, loaded, samples: list[dict]) -> dict:
         ratios, balances, cpu_per_node = [], [], []
         with LocalCluster(manifests[n]) as cluster:
             for _ in range(ctx.runs):
-                single = single_device(model_bytes, samples[: ctx.count // 2 + 3])
+                single = single_device(manifests[n], loaded.model, samples[: ctx.count // 2 + 3])
                 stats = chain_stats(manifests[n], cluster.addresses, samples)
                 ratios.append(stats["throughput"] / single["throughput"])
                 balances.append(busy_balance(stats))

@@ -25,18 +25,11 @@ class Fidelity:
         return f"max abs error {self.max_abs:.3g}, max relative error {self.max_rel:.3g}"
 
 
-def session(model: onnx.ModelProto | str, threads: int = 1, optimize: bool = True):
-    """One onnxruntime CPU session with `threads` intra-op threads."""
-    import onnxruntime as ort
+def session(model: onnx.ModelProto | str, threads: int = 1):
+    """The deploy session nodes use (ORT_ENABLE_ALL, `threads` intra-op threads)."""
+    from defer.runtime.node import make_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return make_session(model if isinstance(model, str) else model.SerializeToString(), threads)
 
 
 def run_chain(manifest: Manifest, feeds: dict[str, np.ndarray], sessions=None,

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from defer.errors import StartupError, UsageError
 from defer.manifest import MANIFEST_NAME, Manifest, load_manifest
 from defer.runtime.codecs import max_abs_error, parse_codec
@@ -217,7 +215,7 @@ def run_local(model: str | Path | None = None, n_stages: int | None = None, coun
         bundles = Path(out_dir) if out_dir else Path(tmp) / "bundles"
         manifest, whole = resolve_model(model, n_stages, bundles, profile=profile)
         samples = random_inputs(manifest, count + warmup, seed)
-        single = _single_process(manifest, whole, samples, warmup)
+        single = single_process(manifest, whole, samples, warmup)
         with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
             dispatcher = Dispatcher(manifest, cluster.addresses, codec=codec, inflight=inflight,
                                     timeout=timeout)
@@ -240,9 +238,13 @@ def run_local(model: str | Path | None = None, n_stages: int | None = None, coun
     }
 
 
-def _single_process(manifest: Manifest, whole: Any, samples: list[Sample],
-                    warmup: int) -> dict[str, Any]:
-    """One session, one thread, pinned to one core like a node: the reference and baseline."""
+def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
+                   warmup: int) -> dict[str, Any]:
+    """One session, one thread, pinned to one core like a node: the reference and baseline.
+
+    Without the whole model (`whole` None) the bundles run in sequence in this process.
+    """
+    from defer.compiler.verify import run_chain
     from defer.runtime.node import make_session
 
     names = [s.name for s in manifest.outputs]
@@ -256,36 +258,28 @@ def _single_process(manifest: Manifest, whole: Any, samples: list[Sample],
     try:
         outputs, latencies = [], []
         for i, sample in enumerate(samples):
+            if i == warmup:
+                cpu_start = time.process_time()
             start = time.perf_counter()
-            out = _run_sequence(manifest, sessions, sample) if len(sessions) > 1 else \
+            out = run_chain(manifest, sample, sessions) if whole is None else \
                 dict(zip(names, sessions[0].run(names, sample)))
             if i >= warmup:
                 latencies.append(time.perf_counter() - start)
                 outputs.append(out)
+        cpu = time.process_time() - cpu_start if latencies else 0.0
     finally:
         os.sched_setaffinity(0, cores)
     total = sum(latencies)
     return {"reference": label, "throughput": len(latencies) / total if total else 0.0,
-            "latency_ms": percentiles_ms(latencies), "outputs": outputs}
-
-
-def _run_sequence(manifest: Manifest, sessions: list, sample: Sample) -> Sample:
-    received = dict(sample)
-    for stage, session in zip(manifest.stages, sessions):
-        names = [t.name for t in stage.outputs]
-        produced = dict(zip(names, session.run(names, {t.name: received[t.name]
-                                                       for t in stage.inputs})))
-        received = {n: produced.get(n, received.get(n)) for n in stage.sends}
-    return received
+            "latency_ms": percentiles_ms(latencies),
+            "cpu_s_per_inference": cpu / len(latencies) if latencies else 0.0,
+            "outputs": outputs}
 
 
 def fidelity(outputs: list[Sample], reference: list[Sample]) -> tuple[float, float]:
     """Worst absolute error and worst error relative to the output's largest magnitude."""
-    worst_abs = worst_rel = 0.0
-    for got, want in zip(outputs, reference):
-        for name, ref in want.items():
-            err = float(np.max(np.abs(got[name].astype(np.float64) - ref))) if ref.size else 0.0
-            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-            worst_abs = max(worst_abs, err)
-            worst_rel = max(worst_rel, err / scale if scale else err)
-    return worst_abs, worst_rel
+    from defer.compiler.verify import compare
+
+    worst = [compare(got, want) for got, want in zip(outputs, reference)]
+    return (max((f.max_abs for f in worst), default=0.0),
+            max((f.max_rel for f in worst), default=0.0))
