@@ -131,8 +131,9 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, events: list[dict], warm
             owner[position] += seconds
     costs = np.zeros(info.n_nodes)
     enter = np.zeros(info.n_nodes + 1)
+    consumers = _consumers(info)
     for position, seconds in owner.items():
-        group = _fused_group(info, position, owner)
+        group = _fused_group(info, position, owner, consumers)
         weights = basic[group] if basic[group].sum() > 0 else np.ones(len(group))
         costs[group] += seconds * weights / weights.sum()
         # A cut inside the group leaves its nodes unfused: back to their BASIC cost.
@@ -161,13 +162,19 @@ def _reorder_seconds_per_byte(events: list[dict], warmup: int) -> float:
     return seconds / nbytes if nbytes else 0.0
 
 
-def _fused_group(info: GraphInfo, position: int, owners: dict[int, float]) -> list[int]:
-    """`position` and the producers upstream that only it consumes and no kernel claims."""
+def _consumers(info: GraphInfo) -> dict[int, set[int]]:
+    """Node position -> positions of the nodes that read its outputs."""
     consumers: dict[int, set[int]] = defaultdict(set)
     for i, node in enumerate(info.nodes):
         for t in node.input:
             if info.producer.get(t, -1) >= 0:
                 consumers[info.producer[t]].add(i)
+    return consumers
+
+
+def _fused_group(info: GraphInfo, position: int, owners: dict[int, float],
+                 consumers: dict[int, set[int]]) -> list[int]:
+    """`position` and the producers upstream that only it consumes and no kernel claims."""
     group, frontier = {position}, [position]
     while frontier:
         node = info.nodes[frontier.pop()]
