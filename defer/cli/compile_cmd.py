@@ -50,19 +50,18 @@ def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency
                     overlap, speeds, memory,
                     batch, profile, codec, verify, tolerance):
     """Cut MODEL (.onnx, .h5, .keras or a SavedModel folder) into balanced ONNX stages."""
-    from defer.compiler import compile_model, load_model
+    from defer.compiler import check_options, compile_model, load_model
     from defer.compiler import verify as verify_chain
-    from defer.errors import UsageError
 
     started = time.perf_counter()
-    if n_stages is not None and n_stages < 1:
-        raise UsageError(f"-n {n_stages}: need at least one stage; pass -n 1 or more")
     speed_list = _parse_speeds(speeds)
+    rate = parse_bandwidth(bandwidth) if bandwidth else None
+    cap = parse_size(memory) if memory else None
+    check_options(n_stages, strategy, cuts, rate, speed_list, cap, batch)  # before slow loading
     loaded = load_model(model)
     manifest = compile_model(
-        loaded, n_stages, out_dir, strategy=strategy, cuts=cuts,
-        bandwidth=parse_bandwidth(bandwidth) if bandwidth else None,
-        speeds=speed_list, memory=parse_size(memory) if memory else None,
+        loaded, n_stages, out_dir, strategy=strategy, cuts=cuts, bandwidth=rate,
+        speeds=speed_list, memory=cap,
         latency=latency / 1e3, local_input=local_input, overlap=overlap, batch=batch, profile=profile, codec=codec)
     click.echo(render_plan(manifest))
     if verify:

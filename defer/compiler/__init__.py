@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("balanced", "layers")
 
-__all__ = ["STRATEGIES", "LoadedModel", "Plan", "Problem", "analyse", "build_problem", "compile_model",
+__all__ = ["STRATEGIES", "LoadedModel", "Plan", "Problem", "analyse", "build_problem",
+           "check_options", "compile_model",
            "load_model", "resolve_cuts", "verify"]
 
 
@@ -56,7 +57,7 @@ def compile_model(
     `cuts` (node or tensor names, or `OpType#k` for the k-th node of that type) replaces the
     strategy with explicit cut points. `bandwidth` is in bytes/s, `memory` in bytes per node.
     """
-    n_stages = _check_arguments(n_stages, strategy, cuts, bandwidth, speeds, memory, batch)
+    n_stages = check_options(n_stages, strategy, cuts, bandwidth, speeds, memory, batch)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     info = analyse(loaded.model, batch=batch)
     if n_stages > info.n_nodes:
@@ -147,7 +148,8 @@ def resolve_cuts(info: GraphInfo, names: Sequence[str]) -> list[int]:
     return sorted(positions)
 
 
-def _check_arguments(n_stages, strategy, cuts, bandwidth, speeds, memory, batch) -> int:
+def check_options(n_stages, strategy, cuts, bandwidth, speeds, memory, batch) -> int:
+    """Validate compile options before any slow work; return the number of stages."""
     if cuts:
         if n_stages is not None and n_stages != len(cuts) + 1:
             raise UsageError(f"-n {n_stages} does not match {len(cuts)} --cut points "
