@@ -11,6 +11,7 @@ The last stage sends the model outputs back to the dispatcher.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -89,11 +90,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     path: Path | None = None  # where it was read from; bundles are relative to its folder
 
-    @property
+    @functools.cached_property
     def inputs(self) -> list[TensorSpec]:
+        """The model's input specs (built once: the dispatcher checks every request against them)."""
         return [TensorSpec.from_dict(t) for t in self.model["inputs"]]
 
-    @property
+    @functools.cached_property
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_dict(t) for t in self.model["outputs"]]
 

@@ -65,6 +65,7 @@ from defer.errors import (
 from defer.manifest import Manifest, load_manifest, sha256_bytes
 from defer.runtime.channel import DEFAULT_HEARTBEAT, Channel, client_tls, parse_address
 from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
+from defer.runtime.inputs import check_sample
 from defer.runtime.protocol import (
     Ack,
     Configure,
@@ -555,8 +556,6 @@ class Dispatcher:
             self.in_flight -= len(window)
 
     def _encode(self, inputs: Inputs) -> tuple[WireTensor, ...]:
-        from defer.runtime.inputs import check_sample
-
         specs = self.manifest.inputs
         if not isinstance(inputs, dict):
             if len(specs) != 1:
