@@ -47,7 +47,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def single_device(manifest, whole_model, samples: list[dict], warmup: int = 3) -> dict:
     """The whole model in this process, pinned to one core, one onnxruntime thread."""
-    from defer.runtime.cluster import single_process
+    from defer.local import single_process
 
     result = single_process(manifest, whole_model, samples, warmup)
     result.pop("outputs")

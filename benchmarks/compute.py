@@ -22,7 +22,7 @@ from benchmarks.common import (
 
 def run(ctx: Context, loaded, samples: list[dict]) -> dict:
     from defer.compiler import compile_model
-    from defer.runtime.cluster import LocalCluster
+    from defer.local import LocalCluster
     from defer.runtime.report import DEFAULT_WATTS_PER_CORE
 
     result: dict = {"watts_per_core_assumed": DEFAULT_WATTS_PER_CORE}

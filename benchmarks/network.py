@@ -71,7 +71,7 @@ class _Nodes:
         self.manifest, self.hosts, self.nodes = manifest, hosts, []
 
     def __enter__(self) -> list[str]:
-        from defer.runtime.cluster import start_node, stop_processes
+        from defer.local import start_node, stop_processes
 
         try:
             for stage, host in zip(self.manifest.stages, self.hosts):
@@ -84,7 +84,7 @@ class _Nodes:
         return [n.address for n in self.nodes]
 
     def __exit__(self, *exc) -> None:
-        from defer.runtime.cluster import stop_processes
+        from defer.local import stop_processes
 
         stop_processes(self.nodes)
 

@@ -13,7 +13,7 @@ CODECS = ("raw", "lz4", "zfp", "zfp:1e-3", "zfp+lz4")
 
 
 def run(ctx: Context, manifest, samples: list[dict]) -> dict:
-    from defer.runtime.cluster import LocalCluster
+    from defer.local import LocalCluster
 
     out: dict = {}
     with LocalCluster(manifest) as cluster:

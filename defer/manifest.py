@@ -1,12 +1,19 @@
 """manifest.json: the one data structure the compiler writes and the runtime reads.
 
-Schema version 1 (see DESIGN.md). Extend it, never silently change it: a reader accepts unknown
-keys and rejects a different schema_version with a message saying which version it needs.
+Schema version 2 (version 1 is still read and upgraded in memory). Extend it, never silently
+change it: a reader accepts unknown keys and rejects an unknown schema_version with a message
+saying what to do. Words: a *stage* is the part of the plan one device (node) runs; an *op* is
+one operator of the model graph.
 
 A stage *receives* the crossing set of the cut before it (stage 0: the model inputs), feeds the
-tensors its bundle consumes (`inputs`) to onnxruntime, and *sends* its bundle `outputs` plus
+tensors its bundle consumes (`inputs`) to its engine, and *sends* its bundle `outputs` plus
 `forward` (received tensors still needed downstream, passed through untouched) to the next hop.
-The last stage sends the model outputs back to the dispatcher.
+The last stage sends the model outputs back to the dispatcher. `format` says which engine runs
+the bundle (`onnx` or `tflite`). `codec` is the activation codec of every hop.
+
+Changes from schema 1: `n_nodes`/`first_node`/`last_node` became `n_ops`/`first_op`/`last_op`
+(stage and model); `codec` is one spec string (the per-hop override nothing wrote is gone);
+stages carry `format`.
 """
 
 from __future__ import annotations
@@ -14,34 +21,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from defer.errors import ManifestError
+from defer.tensors import TensorSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor's name, numpy dtype name and shape; `None` or a string marks a dynamic dim."""
-
-    name: str
-    dtype: str
-    shape: tuple[int | str | None, ...]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    def concrete_shape(self, batch: int = 1) -> tuple[int, ...]:
-        """The shape with every dynamic dimension replaced by `batch`."""
-        return tuple(d if isinstance(d, int) and d >= 0 else batch for d in self.shape)
+__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Manifest", "StageSpec", "TensorSpec",
+           "load_manifest", "sha256_bytes"]
 
 
 @dataclass
@@ -49,17 +41,18 @@ class StageSpec:
     index: int
     file: str
     sha256: str
-    inputs: list[TensorSpec]  # consumed by the bundle (fed to onnxruntime)
+    inputs: list[TensorSpec]  # consumed by the bundle (fed to its engine)
     outputs: list[TensorSpec]  # produced by the bundle and sent on
     forward: list[TensorSpec]  # received, not consumed here or still needed later: passed on
     receives: list[str]  # every tensor arriving at this stage (crossing set)
-    n_nodes: int
-    compute: float  # predicted seconds of compute at this stage's node speed
+    n_ops: int
+    compute: float  # predicted seconds of compute at this stage's device speed
     weight_bytes: int
     bytes_in: int
     bytes_out: int  # bytes sent to the next hop (raw), per inference at the plan's batch
-    first_node: str = ""
-    last_node: str = ""
+    first_op: str = ""
+    last_op: str = ""
+    format: str = "onnx"
 
     @property
     def sends(self) -> list[str]:
@@ -85,7 +78,7 @@ class Manifest:
     model: dict[str, Any]
     plan: dict[str, Any]
     stages: list[StageSpec]
-    codec: dict[str, Any] = field(default_factory=lambda: {"default": "raw", "hops": {}})
+    codec: str = "raw"
     created_by: str = ""
     schema_version: int = SCHEMA_VERSION
     path: Path | None = None  # where it was read from; bundles are relative to its folder
@@ -99,17 +92,13 @@ class Manifest:
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_dict(t) for t in self.model["outputs"]]
 
-    def hop_codec(self, hop: int) -> str:
-        """Codec for the hop *into* stage `hop` (hop n = last stage back to the dispatcher)."""
-        return self.codec.get("hops", {}).get(str(hop), self.codec.get("default", "raw"))
-
     def bundle_path(self, stage: int) -> Path:
         base = self.path.parent if self.path else Path(".")
         return base / self.stages[stage].file
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": self.schema_version,
+            "schema_version": SCHEMA_VERSION,
             "created_by": self.created_by,
             "model": self.model,
             "plan": self.plan,
@@ -122,24 +111,37 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> Manifest:
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        where = path or "manifest"
+        version = d.get("schema_version") if isinstance(d, dict) else None
+        if version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"{path or 'manifest'}: schema_version {version!r} is not supported "
-                f"(this defer reads {SCHEMA_VERSION}); recompile with `defer compile`"
-            )
+                f"{where}: schema_version {version!r} is not supported (this defer reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); recompile with `defer compile`")
         try:
+            if version == 1:
+                d = _upgrade_v1(d)
             return cls(
                 model=d["model"],
                 plan=d["plan"],
                 stages=[StageSpec.from_dict(s) for s in d["stages"]],
-                codec=d.get("codec", {"default": "raw", "hops": {}}),
+                codec=d.get("codec", "raw"),
                 created_by=d.get("created_by", ""),
+                schema_version=version,
                 path=path,
             )
-        except (KeyError, TypeError) as err:
-            raise ManifestError(f"{path or 'manifest'}: missing or malformed field {err}; "
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ManifestError(f"{where}: missing or malformed field {err}; "
                                 "recompile with `defer compile`") from err
+
+
+def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 -> 2 in memory: graph nodes were called nodes; codec was {default, hops}."""
+    renames = {"n_nodes": "n_ops", "first_node": "first_op", "last_node": "last_op"}
+    model = {renames.get(k, k): v for k, v in d["model"].items()}
+    stages = [{renames.get(k, k): v for k, v in s.items()} for s in d["stages"]]
+    codec = d.get("codec", {})
+    codec = codec.get("default", "raw") if isinstance(codec, dict) else codec
+    return {**d, "model": model, "stages": stages, "codec": codec}
 
 
 def load_manifest(path: str | Path) -> Manifest:
@@ -156,13 +158,6 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest.from_dict(data, path=p)
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """The hex sha256 of a bundle (or any bytes): how manifests and nodes name bundles."""
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

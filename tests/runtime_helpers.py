@@ -1,6 +1,6 @@
 # Shared helpers for the runtime tests: tiny ONNX models built with onnx.helper, compiled with
 # profile=False, and an in-process reference run. Node processes are started with
-# defer.runtime.cluster.start_node, which waits on the ready line (never a sleep).
+# defer.local.start_node, which waits on the ready line (never a sleep).
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from defer.codecs import decode_tensor, encode_tensor
 from defer.compiler import compile_model
+from defer.engines.onnx import make_session
 from defer.manifest import Manifest, load_manifest
-from defer.runtime.codecs import decode_tensor, encode_tensor
-from defer.runtime.node import make_session
 
 OPSET = [helper.make_opsetid("", 17)]
 

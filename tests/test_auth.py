@@ -18,9 +18,9 @@ from runtime_helpers import compile_tiny, reference, residual_mlp
 
 from defer.cli import main
 from defer.errors import AuthError, NodeError
+from defer.local import start_node, stop_processes
 from defer.runtime import auth
 from defer.runtime import protocol as p
-from defer.runtime.cluster import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 TOKEN = "correct horse battery staple"

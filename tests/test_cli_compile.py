@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from defer.cli import main
+from defer.manifest import SCHEMA_VERSION, load_manifest
 from tests.onnx_graphs import dense_chain, multi_io, residual_mlp
 
 
@@ -29,7 +30,7 @@ def test_compile_verify_and_inspect(model_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert "verify: max abs error" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1 and len(manifest["stages"]) == 3
+    assert manifest["schema_version"] == SCHEMA_VERSION and len(manifest["stages"]) == 3
     assert sorted(p.name for p in out.glob("bundle_*.onnx")) == [f"bundle_{i}.onnx" for i in range(3)]
     shown = _run("inspect", out)
     assert shown.exit_code == 0
@@ -60,7 +61,7 @@ BAD = [
     (["compile", "{txt}", "-n", "2"], "unknown model format"),
     (["compile", "{model}", "-n", "0"], "at least one stage"),
     (["compile", "{model}", "-n", "500"], "13 or fewer"),
-    (["compile", "{model}", "--cut", "nope"], "no node or tensor"),
+    (["compile", "{model}", "--cut", "nope"], "no op or tensor"),
     (["compile", "{model}", "-n", "2", "--memory", "10B"], "memory cap"),
     (["compile", "{model}", "-n", "2", "--bandwidth", "fast"], "bandwidth 'fast'"),
     (["compile", "{model}", "-n", "2", "--speeds", "1"], "--speeds needs 2"),
@@ -93,3 +94,20 @@ def test_keras_input_without_tensorflow_says_which_extra(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "pip install 'defer-edge[keras]'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_schema_1_manifests_are_still_read(model_path, tmp_path):
+    out = tmp_path / "bundles"
+    assert _run("compile", model_path, "-n", 2, "-o", out, "--no-profile").exit_code == 0
+    data = json.loads((out / "manifest.json").read_text())
+    old = {**data, "schema_version": 1, "codec": {"default": "lz4", "hops": {}},
+           "model": {("n_nodes" if k == "n_ops" else k): v for k, v in data["model"].items()},
+           "stages": [{{"n_ops": "n_nodes", "first_op": "first_node", "last_op": "last_node"}
+                       .get(k, k): v for k, v in s.items() if k != "format"}
+                      for s in data["stages"]]}
+    (out / "manifest.json").write_text(json.dumps(old))
+    manifest = load_manifest(out)
+    assert manifest.codec == "lz4" and manifest.model["n_ops"] == data["model"]["n_ops"]
+    assert [s.n_ops for s in manifest.stages] == [s["n_ops"] for s in data["stages"]]
+    assert all(s.format == "onnx" for s in manifest.stages)
+    assert _run("inspect", out).exit_code == 0

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from runtime_helpers import compile_tiny, residual_mlp
 
 from defer.cli import main
-from defer.runtime.cluster import LocalCluster, run_local
+from defer.local import LocalCluster, run_local
 from defer.runtime.dispatcher import Dispatcher
 
 

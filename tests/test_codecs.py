@@ -9,14 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from defer.errors import CodecError, UsageError
-from defer.runtime import protocol as p
-from defer.runtime.codecs import (
+from defer.codecs import (
     decode_tensor,
     encode_tensor,
     max_abs_error,
     parse_codec,
 )
+from defer.errors import CodecError, UsageError
+from defer.runtime import protocol as p
 
 SPECS = ["raw", "lz4", "zfp", "zfp+lz4", "zfp:1e-2", "zfp:0.001+lz4"]
 rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ pytest.importorskip("tf2onnx")
 from defer import examples  # noqa: E402
 from defer.compiler import compile_model, load_model, verify  # noqa: E402
 from defer.compiler.partition import evaluate  # noqa: E402
-from defer.compiler.verify import run_chain  # noqa: E402
+from defer.fidelity import run_chain  # noqa: E402
 
 pytestmark = pytest.mark.keras
 

@@ -25,7 +25,7 @@ from runtime_helpers import (
 
 from defer.cli import main
 from defer.errors import DeferTimeoutError, InputError, ManifestError, NodeError, UsageError
-from defer.runtime.cluster import start_node, stop_processes
+from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 COUNT = 200

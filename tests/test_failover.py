@@ -14,7 +14,7 @@ import pytest
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
 from defer.errors import NodeError
-from defer.runtime.cluster import start_node, stop_processes
+from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 COUNT = 500

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
+from defer.local import start_node, stop_processes
 from defer.manifest import sha256_bytes
 from defer.runtime import auth
 from defer.runtime import protocol as p
-from defer.runtime.cluster import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 TOKEN = "fuzz-token"
@@ -39,7 +39,7 @@ def _corpus(manifest) -> list[bytes]:
     """Valid frames of every type but SHUTDOWN (a valid one would rightly stop the node)."""
     junk = b"\x08\x07not an onnx model" * 4
     x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
-    from defer.runtime.codecs import encode_tensor
+    from defer.codecs import encode_tensor
 
     msgs = [
         p.Hello(role="dispatcher", challenge=auth.new_nonce()),

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
 from defer.cli import main
+from defer.local import start_node, stop_processes
 from defer.runtime import protocol as p
-from defer.runtime.cluster import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 

@@ -26,8 +26,8 @@ def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
 def brute_force(p: Problem):
     """Best (bottleneck, wire bytes, total time) over every way to cut."""
     best = None
-    for cuts in itertools.combinations(range(1, p.n_nodes), p.n_stages - 1):
-        bounds = [0, *cuts, p.n_nodes]
+    for cuts in itertools.combinations(range(1, p.n_ops), p.n_stages - 1):
+        bounds = [0, *cuts, p.n_ops]
         times = [_stage_time(p, s, bounds[s], bounds[s + 1]) for s in range(p.n_stages)]
         key = (max(times), sum(p.cut_bytes[c] for c in cuts), sum(times))
         if best is None or _better(key, best):
@@ -81,7 +81,7 @@ def test_balanced_equals_brute_force(problem):
     assert plan.bottleneck == pytest.approx(expected[0], rel=1e-9)
     assert plan.wire_bytes == expected[1]
     assert plan.total == pytest.approx(expected[2], rel=1e-9, abs=1e-12)
-    assert plan.bounds[0] == 0 and plan.bounds[-1] == problem.n_nodes
+    assert plan.bounds[0] == 0 and plan.bounds[-1] == problem.n_ops
     assert all(a < b for a, b in zip(plan.bounds, plan.bounds[1:]))
 
 
@@ -110,7 +110,7 @@ def test_layers_baseline_splits_node_counts_evenly():
 
 
 def test_too_many_stages_is_a_plan_error():
-    with pytest.raises(PlanError, match="only 3 nodes"):
+    with pytest.raises(PlanError, match="only 3 ops"):
         balanced(Problem(np.ones(3), np.zeros(4), [1.0] * 4))
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
-from defer.runtime.cluster import start_node, stop_processes
+from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 
 WARMUP, COUNT = 500, 5000

@@ -6,6 +6,7 @@ unless `--debug` is given.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -14,8 +15,27 @@ import click
 from defer import __version__
 from defer.errors import DeferError
 
+# command name -> "module:attribute"; a command's module is imported only when it runs (or for
+# `defer --help`), so `defer serve` on an edge node never imports the compiler or TensorFlow.
+COMMANDS = {
+    "compile": "defer.cli.compile_cmd:compile_command",
+    "inspect": "defer.cli.compile_cmd:inspect_command",
+    "serve": "defer.cli.runtime_cmd:serve",
+    "dispatch": "defer.cli.runtime_cmd:dispatch",
+    "run": "defer.cli.runtime_cmd:run",
+}
+
 
 class _DeferGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -49,21 +69,3 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
                         stream=sys.stderr)
     if verbose == 0:
         logging.getLogger("defer").setLevel(logging.INFO)
-
-
-def _register() -> None:
-    # Each command lives in its own module; a missing module (work in progress) is skipped.
-    import importlib
-
-    for module in ("compile_cmd", "runtime_cmd", "bench_cmd"):
-        try:
-            mod = importlib.import_module(f"defer.cli.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"defer.cli.{module}":
-                raise
-            continue
-        for command in getattr(mod, "COMMANDS", []):
-            main.add_command(command)
-
-
-_register()

@@ -7,79 +7,69 @@ from pathlib import Path
 
 import click
 
+from defer.codecs import CODEC_HELP
+from defer.compiler.options import STRATEGIES, CompileOptions, parse_speeds
 from defer.manifest import Manifest, load_manifest
 from defer.units import format_bytes, parse_bandwidth, parse_size
+
+_DEFAULTS = CompileOptions()
 
 
 @click.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-n", "--stages", "n_stages", type=int, default=None,
-              help="Number of stages = nodes in the chain (implied by --cut).")
+              help="Number of stages = devices in the chain (implied by --cut).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bundles"),
               show_default=True, help="Output folder for bundle_<i>.onnx and manifest.json.")
-@click.option("--strategy", type=click.Choice(["balanced", "layers"]), default="balanced",
-              show_default=True, help="balanced = exact min-bottleneck; layers = equal node counts.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=_DEFAULTS.strategy,
+              show_default=True, help="balanced = exact min-bottleneck; layers = equal op counts.")
 @click.option("--cut", "cuts", multiple=True, metavar="NAME",
-              help="Cut after this node or tensor (or OpType#k, the k-th node of that type). "
+              help="Cut after this op or tensor (or OpType#k, the k-th op of that type). "
                    "Repeatable; replaces --strategy.")
 @click.option("--bandwidth", default=None, metavar="RATE",
               help="Link bandwidth, e.g. 100Mbit or 12.5MB/s.  [default: unlimited]")
-@click.option("--latency", type=float, default=0.0, show_default=True,
+@click.option("--latency", type=float, default=_DEFAULTS.latency * 1e3, show_default=True,
               help="Per-hop latency in milliseconds.")
 @click.option("--local-input", is_flag=True,
-              help="The dispatcher sits beside the first node: the model input does not cross "
-                   "a --bandwidth-limited link.")
+              help="The dispatcher sits beside the first device: the model input does not "
+                   "cross a --bandwidth-limited link.")
 @click.option("--overlap", is_flag=True,
               help="Price a stage as max(compute, transfer) rather than their sum: nodes "
                    "receive while they compute.")
 @click.option("--speeds", default=None, metavar="S0,S1,...",
-              help="Relative speed of each node in chain order, e.g. 2,1,1.  [default: all 1]")
+              help="Relative speed of each device in chain order, e.g. 2,1,1.  [default: all 1]")
 @click.option("--memory", default=None, metavar="SIZE",
-              help="Memory cap per node (weights + activations), e.g. 512MB.  [default: none]")
-@click.option("--batch", type=int, default=1, show_default=True, help="Batch size to plan for.")
-@click.option("--profile/--no-profile", default=True, show_default=True,
-              help="Cost nodes with onnxruntime's profiler, or with a FLOP/byte estimate.")
-@click.option("--codec", default="raw", show_default=True,
-              help="Activation codec on every hop: raw, lz4, zfp, zfp:<tol>, zfp+lz4. The plan "
-                   "prices its encoded bytes and codec time, measured on a sample input.")
+              help="Memory cap per device (weights + activations), e.g. 512MB.  [default: none]")
+@click.option("--batch", type=int, default=_DEFAULTS.batch, show_default=True,
+              help="Batch size to plan for.")
+@click.option("--profile/--no-profile", default=_DEFAULTS.profile, show_default=True,
+              help="Cost ops with onnxruntime's profiler, or with a FLOP/byte estimate.")
+@click.option("--codec", default=_DEFAULTS.codec, show_default=True,
+              help=f"Activation codec on every hop: {CODEC_HELP}. The plan prices its encoded "
+                   "bytes and codec time, measured on a sample input.")
 @click.option("--verify", is_flag=True, help="Run the stages in one process and compare with "
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Max relative error accepted by --verify.")
-def compile_command(model, n_stages, out_dir, strategy, cuts, bandwidth, latency, local_input,
-                    overlap, speeds, memory,
-                    batch, profile, codec, verify, tolerance):
+def compile_command(model: Path, out_dir: Path, verify: bool, tolerance: float, bandwidth,
+                    latency: float, speeds, memory, cuts, **fields) -> None:
     """Cut MODEL (.onnx, .h5, .keras or a SavedModel folder) into balanced ONNX stages."""
-    from defer.compiler import check_options, compile_model, load_model
+    from defer.compiler import compile_model, load_model
     from defer.compiler import verify as verify_chain
 
     started = time.perf_counter()
-    speed_list = _parse_speeds(speeds)
-    rate = parse_bandwidth(bandwidth) if bandwidth else None
-    cap = parse_size(memory) if memory else None
-    check_options(n_stages, strategy, cuts, rate, speed_list, cap, batch)  # before slow loading
+    options = CompileOptions(
+        bandwidth=parse_bandwidth(bandwidth) if bandwidth else None, latency=latency / 1e3,
+        speeds=parse_speeds(speeds), memory=parse_size(memory) if memory else None,
+        cuts=tuple(cuts), **fields).checked()  # every option checked before the slow load
     loaded = load_model(model)
-    manifest = compile_model(
-        loaded, n_stages, out_dir, strategy=strategy, cuts=cuts, bandwidth=rate,
-        speeds=speed_list, memory=cap,
-        latency=latency / 1e3, local_input=local_input, overlap=overlap, batch=batch, profile=profile, codec=codec)
+    manifest = compile_model(loaded, out_dir=out_dir, options=options)
     click.echo(render_plan(manifest))
     if verify:
-        fidelity = verify_chain(manifest, loaded, batch=batch, tolerance=tolerance)
+        fidelity = verify_chain(manifest, loaded, batch=options.batch, tolerance=tolerance)
         click.echo(f"verify: {fidelity} (tolerance {tolerance:g}) OK")
     click.echo(f"wrote {len(manifest.stages)} bundles and manifest.json to {out_dir} "
                f"in {time.perf_counter() - started:.1f} s")
-
-
-def _parse_speeds(text: str | None) -> list[float] | None:
-    from defer.errors import UsageError
-
-    if not text:
-        return None
-    try:
-        return [float(s) for s in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--speeds {text!r}: give numbers separated by commas, e.g. 2,1,1") from None
 
 
 @click.command("inspect")
@@ -94,15 +84,15 @@ def render_plan(manifest: Manifest, crossing: bool = False) -> str:
     total = sum(s.compute for s in manifest.stages) or 1.0
     bw = plan.get("bandwidth")
     lines = [
-        f"model {manifest.model['name']} ({manifest.model.get('n_nodes', '?')} nodes) -> "
+        f"model {manifest.model['name']} ({manifest.model.get('n_ops', '?')} ops) -> "
         f"{plan['n_stages']} stages, strategy {plan['strategy']}, costs from {plan['cost_source']}, "
         f"bandwidth {format_bytes(bw * 8).replace('B', 'bit') + '/s' if bw else 'unlimited'}",
-        f"{'stage':>5} {'nodes':>5} {'time ms':>8} {'share':>6} {'weights':>10} "
+        f"{'stage':>5} {'ops':>5} {'time ms':>8} {'share':>6} {'weights':>10} "
         f"{'sends':>10}  crossing tensors",
     ]
     for s in manifest.stages:
         names = ", ".join(s.sends) if crossing else f"{len(s.sends)} tensor(s)"
-        lines.append(f"{s.index:>5} {s.n_nodes:>5} {s.compute * 1e3:>8.2f} "
+        lines.append(f"{s.index:>5} {s.n_ops:>5} {s.compute * 1e3:>8.2f} "
                      f"{s.compute / total:>6.1%} {format_bytes(s.weight_bytes):>10} "
                      f"{format_bytes(s.bytes_out):>10}  {names}")
     lines.append(_summary(plan["strategy"], plan))
@@ -121,4 +111,3 @@ def _summary(name: str, figures: dict) -> str:
             f"{format_bytes(figures['wire_bytes'])} on the wire")
 
 
-COMMANDS = [compile_command, inspect_command]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-READY_PREFIX = "defer node listening on"
-CODEC_HELP = "raw, lz4, zfp, zfp:<tol>, zfp+lz4"
+from defer.codecs import CODEC_HELP
+
 TOKEN_HELP = ("Shared secret: peers prove they hold it (HMAC challenge-response in HELLO; it "
               "never crosses the wire). Prefer the DEFER_TOKEN variable: options show in `ps`.")
 HEARTBEAT_HELP = ("Seconds between heartbeats on an idle connection; a peer silent for 3 of "
@@ -53,10 +53,10 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
     SIGINT/SIGTERM drain in-flight requests and exit 0.
     """
-    from defer.runtime.node import NodeConfig, run_node
+    from defer.runtime.node import READY_PREFIX, NodeConfig, run_node
 
     def ready(bound_host: str, bound_port: int) -> None:
-        click.echo(f"{READY_PREFIX} {bound_host}:{bound_port}")
+        click.echo(f"{READY_PREFIX}{bound_host}:{bound_port}")
         sys.stdout.flush()
 
     run_node(NodeConfig(host=host, port=port, bundle=bundle, threads=threads, cpu=cpu,
@@ -104,8 +104,9 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
     from defer.errors import UsageError
     from defer.manifest import load_manifest
     from defer.runtime.dispatcher import Dispatcher
-    from defer.runtime.inputs import check_sample, load_inputs, random_inputs, save_outputs
+    from defer.runtime.inputs import load_inputs, save_outputs
     from defer.runtime.report import format_report
+    from defer.tensors import check_sample, random_inputs
 
     manifest = load_manifest(manifest_path)
     if count is not None and count < 1:
@@ -115,7 +116,7 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
         count = count or len(samples)
         samples = [samples[i % len(samples)] for i in range(count)]
     else:
-        samples = random_inputs(manifest, count or 100, seed)
+        samples = random_inputs(manifest.inputs, count or 100, seed)
     for sample in samples[:1] if input_path is None else samples:
         check_sample(manifest.inputs, sample)  # a wrong input fails before any connection
     addresses = [a.strip() for a in nodes.split(",") if a.strip()]
@@ -155,7 +156,7 @@ def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
     """Run MODEL (a model file or bundle folder; default: the built-in ResNet50) on a local
     chain of nodes, one per core, and compare with one process."""
     from defer.errors import UsageError
-    from defer.runtime.cluster import run_local
+    from defer.local import run_local
     from defer.runtime.report import format_report
 
     # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup stops every node process.
@@ -183,4 +184,3 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-COMMANDS = [serve, dispatch, run]

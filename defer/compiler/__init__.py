@@ -18,56 +18,41 @@ from defer import __version__
 from defer.compiler.export import stage_model, write_bundles
 from defer.compiler.graph import GraphInfo, analyse
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
+from defer.compiler.options import STRATEGIES, CompileOptions, as_options
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
 from defer.compiler.profile import Costs, estimate_costs, profile_costs
-from defer.compiler.verify import Fidelity, compare, run_chain, session
+from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
-from defer.errors import PlanError, UsageError, VerifyError
+from defer.errors import PlanError
 from defer.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("balanced", "layers")
-
-__all__ = ["STRATEGIES", "LoadedModel", "Plan", "Problem", "analyse", "build_problem",
-           "check_options", "compile_model",
-           "load_model", "resolve_cuts", "verify"]
+__all__ = ["STRATEGIES", "CompileOptions", "LoadedModel", "Plan", "Problem", "analyse",
+           "build_problem", "compile_model", "load_model", "resolve_cuts", "sample_inputs",
+           "verify"]
 
 
-def compile_model(
-    model: str | Path | onnx.ModelProto | LoadedModel,
-    n_stages: int | None,
-    out_dir: str | Path,
-    *,
-    strategy: str = "balanced",
-    cuts: Sequence[str] = (),
-    bandwidth: float | None = None,
-    speeds: Sequence[float] | None = None,
-    memory: float | None = None,
-    latency: float = 0.0,
-    local_input: bool = False,
-    overlap: bool = False,
-    batch: int = 1,
-    profile: bool = True,
-    profile_runs: int = 10,
-    codec: str = "raw",
-) -> Manifest:
+def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: int | None = None,
+                  out_dir: str | Path = "bundles", options: CompileOptions | None = None,
+                  **overrides) -> Manifest:
     """Cut `model` into `n_stages` stages and write the bundles and manifest to `out_dir`.
 
-    `cuts` (node or tensor names, or `OpType#k` for the k-th node of that type) replaces the
-    strategy with explicit cut points. `bandwidth` is in bytes/s, `memory` in bytes per node.
+    `options` (a CompileOptions) and keyword `overrides` of its fields say how, e.g.
+    `compile_model("m.onnx", 4, "out", bandwidth=12.5e6, profile=False)`.
     """
-    n_stages = check_options(n_stages, strategy, cuts, bandwidth, speeds, memory, batch)
+    opts = as_options(options, n_stages, **overrides)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    info = analyse(loaded.model, batch=batch)
-    if n_stages > info.n_nodes:
-        raise PlanError(f"-n {n_stages} is more stages than the model has nodes "
-                        f"({info.n_nodes}); pass -n {info.n_nodes} or fewer")
-    costs = profile_costs(info, runs=profile_runs) if profile else estimate_costs(info)
-    wire = measure_wire(info, codec) if codec != "raw" else None
-    problem = build_problem(info, costs, n_stages, speeds, bandwidth, latency, memory,
-                            local_input, overlap, wire)
-    plan = _choose_plan(info, problem, strategy, cuts)
+    info = analyse(loaded.model, batch=opts.batch)
+    if opts.n_stages > info.n_ops:
+        raise PlanError(f"-n {opts.n_stages} is more stages than the model has ops "
+                        f"({info.n_ops}); pass -n {info.n_ops} or fewer")
+    costs = (profile_costs(info, runs=opts.profile_runs) if opts.profile
+             else estimate_costs(info))
+    wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
+    problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
+                            opts.latency, opts.memory, opts.local_input, opts.overlap, wire)
+    plan = _choose_plan(info, problem, opts.strategy, opts.cuts)
     baseline = equal_layers(problem)
     log.info("plan: %r", plan)
     stages = [stage_model(info, a, b, i)
@@ -76,30 +61,17 @@ def compile_model(
         spec.compute = _stage_compute(problem, s, plan.bounds[s], plan.bounds[s + 1])
     manifest = Manifest(
         model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
-               "opset": _opset(loaded.model), "n_nodes": info.n_nodes,
+               "opset": _opset(loaded.model), "n_ops": info.n_ops,
                "inputs": [info.specs[t].to_dict() for t in info.input_names],
                "outputs": [info.specs[t].to_dict() for t in info.output_names]},
-        plan=_plan_record(plan, problem, baseline, costs.source, batch, memory),
+        plan=_plan_record(plan, problem, baseline, costs.source, opts.batch, opts.memory),
         stages=[spec for _, spec in stages],
-        codec={"default": codec, "hops": {}},
+        codec=opts.codec,
         created_by=f"defer {__version__}",
     )
-    log.info("writing %d bundles to %s", n_stages, out_dir)
+    log.info("writing %d bundles to %s", opts.n_stages, out_dir)
     write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
     return manifest
-
-
-def verify(manifest: Manifest, model: str | Path | onnx.ModelProto | LoadedModel, batch: int = 1,
-           tolerance: float = 1e-4, seed: int = 0) -> Fidelity:
-    """Run the bundles stage by stage and compare with the whole model; raise above tolerance."""
-    whole = (model if isinstance(model, LoadedModel) else load_model(model)).model
-    feeds = sample_inputs(whole, batch=batch, seed=seed)
-    reference = dict(zip([o.name for o in whole.graph.output], session(whole).run(None, feeds)))
-    fidelity = compare(run_chain(manifest, feeds), reference)
-    if fidelity.max_rel > tolerance:
-        raise VerifyError(f"the stages differ from the whole model: {fidelity} "
-                          f"(tolerance {tolerance:g}); report this with the model attached")
-    return fidelity
 
 
 def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
@@ -108,7 +80,7 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
                   local_input: bool = False, overlap: bool = False,
                   wire: WireCosts | None = None) -> Problem:
     """The partitioning problem of `info`: costs, bytes at every cut, memory per segment."""
-    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_nodes + 1)], dtype=float)
+    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_ops + 1)], dtype=float)
     if not isinstance(costs, Costs):
         costs = Costs.nodes_only(np.asarray(costs, dtype=float), "given")
     enter, leave = costs.enter, costs.leave
@@ -126,7 +98,7 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
 
 
 def resolve_cuts(info: GraphInfo, names: Sequence[str]) -> list[int]:
-    """Cut positions for node names, tensor names or `OpType#k` (k-th node of that type)."""
+    """Cut positions for op names, tensor names or `OpType#k` (the k-th op of that type)."""
     positions = []
     for name in names:
         match = re.fullmatch(r"([A-Za-z]+)#(\d+)", name)
@@ -137,45 +109,20 @@ def resolve_cuts(info: GraphInfo, names: Sequence[str]) -> list[int]:
             else:
                 position = info.position_of(name)
         except (KeyError, IndexError):
-            raise PlanError(f"--cut {name!r}: no node or tensor of that name; "
-                            "see the node names with `defer inspect` or use OpType#k") from None
-        if not 0 < position < info.n_nodes:
+            raise PlanError(f"--cut {name!r}: no op or tensor of that name; "
+                            "see the op names with `defer inspect` or use OpType#k") from None
+        if not 0 < position < info.n_ops:
             raise PlanError(f"--cut {name!r} is at the very end of the model; "
-                            "cut after an inner node")
+                            "cut after an inner op")
         positions.append(position)
     if len(set(positions)) != len(positions):
         raise PlanError(f"--cut {', '.join(names)}: two cuts fall at the same place; drop one")
     return sorted(positions)
 
 
-def check_options(n_stages, strategy, cuts, bandwidth, speeds, memory, batch) -> int:
-    """Validate compile options before any slow work; return the number of stages."""
-    if cuts:
-        if n_stages is not None and n_stages != len(cuts) + 1:
-            raise UsageError(f"-n {n_stages} does not match {len(cuts)} --cut points "
-                             f"(which make {len(cuts) + 1} stages); drop -n or fix the cuts")
-        n_stages = len(cuts) + 1
-    if n_stages is None:
-        raise UsageError("how many stages? pass -n N (one per node of the chain)")
-    if n_stages < 1:
-        raise UsageError(f"-n {n_stages}: need at least one stage; pass -n 1 or more")
-    if strategy not in STRATEGIES:
-        raise UsageError(f"strategy {strategy!r} unknown; use one of {', '.join(STRATEGIES)}")
-    if speeds is not None and (len(speeds) != n_stages or min(speeds) <= 0):
-        raise UsageError(f"--speeds needs {n_stages} positive numbers (one per stage), "
-                         f"got {list(speeds)}")
-    if bandwidth is not None and bandwidth <= 0:
-        raise UsageError("--bandwidth must be positive; omit it for unlimited")
-    if memory is not None and memory <= 0:
-        raise UsageError("--memory must be positive; omit it for no cap")
-    if batch < 1:
-        raise UsageError(f"--batch {batch}: must be 1 or more")
-    return n_stages
-
-
 def _choose_plan(info: GraphInfo, problem: Problem, strategy: str, cuts: Sequence[str]) -> Plan:
     if cuts:
-        plan = evaluate(problem, [0, *resolve_cuts(info, cuts), info.n_nodes], "cuts")
+        plan = evaluate(problem, [0, *resolve_cuts(info, cuts), info.n_ops], "cuts")
     elif strategy == "layers":
         plan = equal_layers(problem)
     else:
@@ -196,7 +143,7 @@ def _stage_compute(problem: Problem, stage: int, a: int, b: int) -> float:
 
 def _memory_matrix(info: GraphInfo, cut_bytes: np.ndarray) -> np.ndarray:
     """Bytes a stage [a, b) holds: its weights + what it receives + everything it produces."""
-    n = info.n_nodes
+    n = info.n_ops
     produced = np.zeros(n + 1)
     for i, node in enumerate(info.nodes):
         produced[i + 1] = produced[i] + sum(info.tensor_bytes(t) for t in node.output if t)

@@ -52,10 +52,10 @@ def stage_model(info: GraphInfo, a: int, b: int, index: int) -> tuple[onnx.Model
         index=index, file=f"bundle_{index}.onnx", sha256="",
         inputs=[info.specs[t] for t in inputs], outputs=[info.specs[t] for t in outputs],
         forward=[info.specs[t] for t in forward], receives=list(receives),
-        n_nodes=b - a, compute=0.0,
+        n_ops=b - a, compute=0.0,
         weight_bytes=sum(info.initializer_bytes[w] for w in weights),
         bytes_in=info.crossing_bytes(a), bytes_out=info.crossing_bytes(b),
-        first_node=nodes[0].name if nodes else "", last_node=nodes[-1].name if nodes else "",
+        first_op=nodes[0].name if nodes else "", last_op=nodes[-1].name if nodes else "",
     )
     return model, spec
 

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from defer.errors import UsageError
-from defer.manifest import TensorSpec
+from defer.tensors import TensorSpec, itemsize
 
 GRAPH_INPUT = -1
 
@@ -37,7 +37,7 @@ class GraphInfo:
     _crossing: list[list[str]] = field(default_factory=list, repr=False)
 
     @property
-    def n_nodes(self) -> int:
+    def n_ops(self) -> int:
         return len(self.nodes)
 
     def crossing(self, k: int) -> list[str]:
@@ -48,7 +48,7 @@ class GraphInfo:
         spec = self.specs.get(name)
         if spec is None:
             return 0
-        return int(np.prod(spec.concrete_shape(self.batch), dtype=np.int64)) * _itemsize(spec.dtype)
+        return int(np.prod(spec.concrete_shape(self.batch), dtype=np.int64)) * itemsize(spec.dtype)
 
     def crossing_bytes(self, k: int) -> int:
         return sum(self.tensor_bytes(t) for t in self.crossing(k))
@@ -197,9 +197,3 @@ def _initializer_bytes(t: onnx.TensorProto) -> int:
     count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
-
-def _itemsize(dtype: str) -> int:
-    try:
-        return np.dtype(dtype).itemsize
-    except TypeError:
-        return 4

@@ -8,7 +8,6 @@ TensorFlow is imported only for Keras input.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import onnx
 from onnx import helper
 
 from defer.errors import MissingDependencyError, UsageError
+from defer.manifest import sha256_bytes
+from defer.tensors import random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def load_model(source: str | Path | onnx.ModelProto, opset: int = OPSET) -> Load
     """Read `source` and return a normalised ONNX model with its provenance."""
     if isinstance(source, onnx.ModelProto):
         data = source.SerializeToString()
-        loaded = LoadedModel(source, source.graph.name or "model", "<memory>", _sha256(data))
+        loaded = LoadedModel(source, source.graph.name or "model", "<memory>", sha256_bytes(data))
     else:
         loaded = _load_path(Path(source), opset)
     loaded.model = _normalise(loaded.model)
@@ -54,7 +55,7 @@ def _load_path(path: Path, opset: int) -> LoadedModel:
             raise UsageError(f"{path}: a directory but not a SavedModel (no saved_model.pb); "
                              "pass a .onnx, .h5 or .keras file or a SavedModel directory")
         model = _convert_saved_model(path, opset)
-        return LoadedModel(model, name, path.name, _sha256(model.SerializeToString()))
+        return LoadedModel(model, name, path.name, sha256_bytes(model.SerializeToString()))
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         try:
@@ -67,7 +68,7 @@ def _load_path(path: Path, opset: int) -> LoadedModel:
     else:
         raise UsageError(f"{path}: unknown model format {suffix!r}; "
                          "defer reads .onnx, .h5, .keras or a SavedModel directory")
-    return LoadedModel(model, name, path.name, _sha256(path.read_bytes()))
+    return LoadedModel(model, name, path.name, sha256_bytes(path.read_bytes()))
 
 
 def _import_converter():
@@ -183,15 +184,10 @@ def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
 def sample_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs of the model's input shapes, dynamic dims set to `batch`."""
     from defer.compiler.graph import value_info_spec
-    from defer.runtime.inputs import random_inputs
 
     inits = {i.name for i in model.graph.initializer}
     specs = [value_info_spec(vi) for vi in model.graph.input if vi.name not in inits]
     return random_inputs([s for s in specs if s is not None], 1, seed, batch)[0]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 __all__ = ["LoadedModel", "load_model", "sample_inputs"]

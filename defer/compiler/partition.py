@@ -1,13 +1,13 @@
-"""Partition the topological order into contiguous stages, one per node of the chain.
+"""Partition the topological order of ops into contiguous stages, one per device of the chain.
 
-Stage s covers nodes [a, b) and runs on a node of relative speed speeds[s]:
+Stage s covers ops [a, b) and runs on a device of relative speed speeds[s]:
 
     time(s, a, b) = (compute[a:b] + enter[a] + leave[b]) / speeds[s]
                     + cut_bytes[a] / bandwidth + latency
 
 `cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs); `enter`/`leave`
 are the measured extra costs of starting / ending a stage at a cut (layout reorders, fusions
-broken by the cut, codec work), zero when unknown. With `overlap`, a node receives while it
+broken by the cut, codec work), zero when unknown. With `overlap`, a device receives while it
 computes, so the link into a stage and the node are separate pipeline resources:
 
     time(s, a, b) = max((compute[a:b] + enter[a] + leave[b]) / speeds[s],
@@ -20,7 +20,7 @@ the optimal bottleneck, the second minimises bytes and latency among plans that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,8 +31,8 @@ _REL_EPS = 1e-9
 
 @dataclass
 class Problem:
-    compute: np.ndarray  # (N,) seconds per node at speed 1
-    cut_bytes: np.ndarray  # (N+1,) bytes crossing a cut before node k
+    compute: np.ndarray  # (N,) seconds per op at speed 1
+    cut_bytes: np.ndarray  # (N+1,) bytes crossing a cut before op k
     speeds: list[float]  # one per stage, chain order
     bandwidth: float | None = None  # bytes/s; None = unlimited
     latency: float = 0.0  # seconds per hop
@@ -43,7 +43,7 @@ class Problem:
     overlap: bool = False  # transfer overlaps compute: max instead of sum
 
     @property
-    def n_nodes(self) -> int:
+    def n_ops(self) -> int:
         return len(self.compute)
 
     @property
@@ -76,9 +76,8 @@ class Plan:
     bounds: list[int]  # stage s covers [bounds[s], bounds[s+1])
     stage_times: list[float]
     wire_bytes: int  # bytes over interior cuts, per inference
-    ideal: float  # node compute / sum of speeds: no plan's slowest stage can beat it
+    ideal: float  # op compute / sum of speeds: no plan's slowest stage can beat it
     fits_memory: bool = True
-    extra: dict = field(default_factory=dict)
 
     @property
     def bottleneck(self) -> float:
@@ -100,7 +99,7 @@ class Plan:
 
     @property
     def over_ideal(self) -> float:
-        """Slowest stage / the ideal (node compute spread evenly, no cost for cutting)."""
+        """Slowest stage / the ideal (op compute spread evenly, no cost for cutting)."""
         return self.bottleneck / self.ideal if self.ideal > 0 else 1.0
 
     def __repr__(self) -> str:
@@ -138,9 +137,9 @@ def balanced(problem: Problem) -> Plan:
 
 
 def equal_layers(problem: Problem) -> Plan:
-    """The baseline of hand-cut tools: equal node counts per stage."""
+    """The baseline of hand-cut tools: equal op counts per stage."""
     _check_sizes(problem)
-    n, count = problem.n_stages, problem.n_nodes
+    n, count = problem.n_stages, problem.n_ops
     bounds = [round(i * count / n) for i in range(n + 1)]
     return evaluate(problem, bounds, "layers")
 
@@ -148,13 +147,13 @@ def equal_layers(problem: Problem) -> Plan:
 def _check_sizes(problem: Problem) -> None:
     if problem.n_stages < 1:
         raise PlanError(f"n = {problem.n_stages}: a plan needs at least 1 stage; pass -n 1 or more")
-    if problem.n_stages > problem.n_nodes:
+    if problem.n_stages > problem.n_ops:
         raise PlanError(f"n = {problem.n_stages} stages but the model has only "
-                        f"{problem.n_nodes} nodes; pass -n {problem.n_nodes} or fewer")
+                        f"{problem.n_ops} ops; pass -n {problem.n_ops} or fewer")
 
 
 def _optimal_bottleneck(problem: Problem, matrices: list[np.ndarray]) -> float:
-    size = problem.n_nodes + 1
+    size = problem.n_ops + 1
     best = np.full(size, np.inf)
     best[0] = 0.0
     for times in matrices:
@@ -163,7 +162,7 @@ def _optimal_bottleneck(problem: Problem, matrices: list[np.ndarray]) -> float:
 
 
 def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit: float) -> list[int]:
-    size = problem.n_nodes + 1
+    size = problem.n_ops + 1
     wire = problem.cut_bytes.astype(float).copy()
     wire[0] = 0.0
     cost_bytes = np.full(size, np.inf)
@@ -180,7 +179,7 @@ def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit:
         choice = cand_time.argmin(axis=0)
         cost_bytes, cost_time = new_bytes, cand_time[choice, np.arange(size)]
         choices.append(choice)
-    bounds = [problem.n_nodes]
+    bounds = [problem.n_ops]
     for choice in reversed(choices):
         bounds.append(int(choice[bounds[-1]]))
     return bounds[::-1]
@@ -200,8 +199,8 @@ def _ideal(problem: Problem) -> float:
 
 def _infeasible_message(problem: Problem) -> str:
     if problem.memory is not None and problem.memory_cap is not None:
-        smallest = float(np.min(problem.memory[np.triu_indices(problem.n_nodes + 1, 1)]))
-        return (f"no plan fits the memory cap of {problem.memory_cap / 2**20:.1f} MiB per node "
+        smallest = float(np.min(problem.memory[np.triu_indices(problem.n_ops + 1, 1)]))
+        return (f"no plan fits the memory cap of {problem.memory_cap / 2**20:.1f} MiB per device "
                 f"(the smallest single stage needs {smallest / 2**20:.1f} MiB); "
-                "raise --memory or use more nodes")
+                "raise --memory or use more devices")
     return "no feasible plan; check the speeds and the number of stages"

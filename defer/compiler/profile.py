@@ -85,7 +85,7 @@ def _profile(info: GraphInfo, level, runs: int, warmup: int, threads: int) -> li
                                        providers=["CPUExecutionProvider"])
         feeds = sample_inputs(info.model, batch=info.batch)
         log.info("profiling %d nodes at %s: %d warm-up + %d runs, %d thread(s)",
-                 info.n_nodes, level.name, warmup, runs, threads)
+                 info.n_ops, level.name, warmup, runs, threads)
         for _ in range(warmup + runs):
             session.run(None, feeds)
         with open(session.end_profiling()) as f:
@@ -103,7 +103,7 @@ def _kernel_medians(events: list[dict], warmup: int) -> dict[str, float]:
 
 
 def _costs_from_events(info: GraphInfo, events: list[dict], warmup: int) -> np.ndarray:
-    costs = np.zeros(info.n_nodes)
+    costs = np.zeros(info.n_ops)
     index = {node.name: i for i, node in enumerate(info.nodes)}
     unmatched = 0
     for name, seconds in _kernel_medians(events, warmup).items():
@@ -129,8 +129,8 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, events: list[dict], warm
             spread_over_all += seconds  # layout reorders and other inserted kernels
         else:
             owner[position] += seconds
-    costs = np.zeros(info.n_nodes)
-    enter = np.zeros(info.n_nodes + 1)
+    costs = np.zeros(info.n_ops)
+    enter = np.zeros(info.n_ops + 1)
     consumers = _consumers(info)
     for position, seconds in owner.items():
         group = _fused_group(info, position, owner, consumers)
@@ -142,7 +142,7 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, events: list[dict], warm
     if basic.sum() > 0:
         costs += spread_over_all * basic / basic.sum()
     rate = _reorder_seconds_per_byte(events, warmup)
-    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_nodes + 1)], dtype=float)
+    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_ops + 1)], dtype=float)
     reorder = rate * cut_bytes
     enter += reorder
     leave = reorder.copy()
@@ -188,7 +188,7 @@ def _fused_group(info: GraphInfo, position: int, owners: dict[int, float],
 
 def estimate_costs(info: GraphInfo) -> Costs:
     """Seconds per node from FLOPs and bytes touched, at the nominal rates above."""
-    costs = np.zeros(info.n_nodes)
+    costs = np.zeros(info.n_ops)
     inits = info.model.graph.initializer
     init_dims = {t.name: list(t.dims) for t in inits}
     for i, node in enumerate(info.nodes):

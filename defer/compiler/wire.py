@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from defer.codecs import decode_tensor, encode_tensor, parse_codec
 from defer.compiler.graph import GraphInfo
 from defer.compiler.load import sample_inputs
 
@@ -34,8 +35,6 @@ class WireCosts:
 
 def measure_wire(info: GraphInfo, codec: str, repeats: int = 3) -> WireCosts:
     """Encoded size and codec time of every crossing tensor, summed per cut."""
-    from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
-
     parsed = parse_codec(codec)
     values = _crossing_values(info)
     sizes, enc, dec = {}, {}, {}
@@ -50,7 +49,7 @@ def measure_wire(info: GraphInfo, codec: str, repeats: int = 3) -> WireCosts:
             enc_times.append(middle - start)
         sizes[name], enc[name], dec[name] = wire.nbytes, statistics.median(enc_times), \
             statistics.median(dec_times)
-    n = info.n_nodes
+    n = info.n_ops
     costs = WireCosts(np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1))
     for k in range(n + 1):
         for t in info.crossing(k):
@@ -67,7 +66,7 @@ def _crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
     """Every tensor that crosses some cut, from one run of the whole model."""
     import onnxruntime as ort
 
-    names = sorted({t for k in range(info.n_nodes + 1) for t in info.crossing(k)})
+    names = sorted({t for k in range(info.n_ops + 1) for t in info.crossing(k)})
     feeds = sample_inputs(info.model, batch=info.batch)
     probe = onnx.ModelProto()
     probe.CopyFrom(info.model)

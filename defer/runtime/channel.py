@@ -17,6 +17,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from defer.address import parse_address
 from defer.errors import AuthError, NodeError, ProtocolError, UsageError
 from defer.runtime import auth
 from defer.runtime.protocol import (
@@ -36,16 +37,6 @@ READ_CHUNK = 1 << 20
 STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabytes, not lines
 DEAD_AFTER = 3  # a peer silent for this many of its heartbeat intervals is dead
 DEFAULT_HEARTBEAT = 0.5  # seconds: a dead or hung peer is noticed within 3 x 0.5 s + a tick
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """"host:port" (or "[v6]:port") -> (host, port); UsageError shows the expected form."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"bad node address {address!r}; expected host:port, "
-                         "e.g. 127.0.0.1:7000")
-    return host, int(port)
 
 
 def server_tls(cert: str | Path, key: str | Path) -> ssl.SSLContext:

@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from defer.address import parse_address
+from defer.codecs import WireTensor, decode_tensor, encode_tensor, parse_codec
 from defer.errors import (
     DeferError,
     DeferTimeoutError,
@@ -63,9 +65,7 @@ from defer.errors import (
     UsageError,
 )
 from defer.manifest import Manifest, load_manifest, sha256_bytes
-from defer.runtime.channel import DEFAULT_HEARTBEAT, Channel, client_tls, parse_address
-from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
-from defer.runtime.inputs import check_sample
+from defer.runtime.channel import DEFAULT_HEARTBEAT, Channel, client_tls
 from defer.runtime.protocol import (
     Ack,
     Configure,
@@ -78,10 +78,9 @@ from defer.runtime.protocol import (
     Result,
     Shutdown,
     Stats,
-    WireTensor,
-    raw_nbytes,
 )
 from defer.runtime.report import DEFAULT_WATTS_PER_CORE, chain_report, counter_delta
+from defer.tensors import check_sample
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class Dispatcher:
         if set(self.spares) & set(self.nodes):
             raise UsageError(f"spares {sorted(set(self.spares) & set(self.nodes))} are also "
                              "chain nodes; a spare must be an idle node")
-        self.hop_codecs = [parse_codec(codec or self.manifest.hop_codec(i)).spec
+        self.hop_codecs = [parse_codec(codec or self.manifest.codec).spec
                            for i in range(n + 1)]
         self.inflight = inflight if inflight is not None else max(8, 2 * n)
         if self.inflight < 1:
@@ -567,7 +566,7 @@ class Dispatcher:
         for spec in specs:
             tensor = encode_tensor(spec.name, arrays[spec.name], self.hop_codecs[0])
             self._hop0_bytes[tensor.codec] += tensor.nbytes
-            self._hop0_raw += raw_nbytes(tensor)
+            self._hop0_raw += tensor.raw_nbytes
             tensors.append(tensor)
         return tuple(tensors)
 

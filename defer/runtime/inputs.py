@@ -8,52 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from defer.errors import InputError, UsageError
-from defer.manifest import Manifest, TensorSpec
-
-Sample = dict[str, np.ndarray]
-
-
-def random_inputs(model: Manifest | list[TensorSpec], count: int, seed: int = 0,
-                  batch: int = 1) -> list[Sample]:
-    """`count` seeded random inputs of a manifest's (or these specs') shapes, dynamic dims set
-    to `batch`."""
-    specs = model.inputs if isinstance(model, Manifest) else model
-    rng = np.random.default_rng(seed)
-    return [{spec.name: _random(spec, rng, batch) for spec in specs} for _ in range(count)]
-
-
-def check_sample(specs: list[TensorSpec], sample: dict[str, np.ndarray]) -> Sample:
-    """The sample as arrays, or InputError naming the input and the fix: the names must be
-    exactly the model's inputs, each dtype exact, each shape equal except dynamic dims."""
-    missing = [s.name for s in specs if s.name not in sample]
-    extra = sorted(set(sample) - {s.name for s in specs})
-    if missing or extra:
-        raise InputError(f"inputs must be exactly {[s.name for s in specs]}; missing "
-                         f"{missing}, unexpected {extra}")
-    arrays = {}
-    for spec in specs:
-        array = np.asarray(sample[spec.name])
-        if array.dtype.name != spec.dtype:
-            raise InputError(f"input {spec.name!r} is {array.dtype.name}, the model wants "
-                             f"{spec.dtype}: pass x.astype({spec.dtype!r})")
-        fits = len(array.shape) == len(spec.shape) and all(
-            not isinstance(want, int) or want < 0 or want == got
-            for want, got in zip(spec.shape, array.shape))
-        if not fits:
-            raise InputError(f"input {spec.name!r} has shape {tuple(array.shape)}, the model "
-                             f"wants {tuple(spec.shape)} (None/str = any size); reshape it")
-        arrays[spec.name] = array
-    return arrays
-
-
-def _random(spec: TensorSpec, rng: np.random.Generator, batch: int) -> np.ndarray:
-    shape = spec.concrete_shape(batch)
-    dtype = np.dtype(spec.dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(bool)
-    return rng.integers(0, 10, shape).astype(dtype)
+from defer.manifest import Manifest
+from defer.tensors import Sample, TensorSpec
 
 
 def load_inputs(path: str | Path, manifest: Manifest) -> list[Sample]:

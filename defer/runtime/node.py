@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
+from defer.codecs import decode_tensor, encode_tensor, parse_codec
+from defer.engines import Engine, load_engine
 from defer.errors import (
     AuthError,
     DeferError,
@@ -47,7 +47,6 @@ from defer.runtime.channel import (
     client_tls,
     server_tls,
 )
-from defer.runtime.codecs import decode_tensor, encode_tensor, parse_codec
 from defer.runtime.protocol import (
     HANDSHAKE_LIMITS,
     Ack,
@@ -61,11 +60,12 @@ from defer.runtime.protocol import (
     Result,
     Shutdown,
     Stats,
-    WireTensor,
-    raw_nbytes,
 )
+from defer.tensors import check_tensor
 
 log = logging.getLogger(__name__)
+
+READY_PREFIX = "defer node listening on "  # + HOST:PORT: the line `defer serve` prints when ready
 
 
 @dataclass
@@ -93,58 +93,6 @@ class NodeConfig:
     max_connections: int = 64
 
 
-def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
-    """The deploy session: ORT_ENABLE_ALL, `threads` intra-op threads, one inter-op thread."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
-def _load_session(model: bytes, threads: int) -> ort.InferenceSession:
-    # onnxruntime raises its own exception types; translate them at this boundary.
-    try:
-        return make_session(model, threads)
-    except Exception as err:  # noqa: BLE001 - onnxruntime's pybind errors share no base class
-        raise ManifestError(f"onnxruntime cannot load the bundle: {err}") from None
-
-
-# onnxruntime's input type strings -> numpy dtype names (others are not checked)
-_ORT_DTYPES = {f"tensor({k})": v for k, v in {
-    "float": "float32", "double": "float64", "float16": "float16", "bool": "bool",
-    "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
-    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64"}.items()}
-
-InputSpecs = dict[str, tuple[str | None, tuple[int | None, ...] | None]]
-
-
-def input_specs(session: ort.InferenceSession) -> InputSpecs:
-    """name -> (numpy dtype or None, shape with None for dynamic dims, or None) per input."""
-    specs: InputSpecs = {}
-    for i in session.get_inputs():
-        shape = None if i.shape is None else tuple(
-            d if isinstance(d, int) and d >= 0 else None for d in i.shape)
-        specs[i.name] = (_ORT_DTYPES.get(i.type), shape)
-    return specs
-
-
-def check_inputs(stage: int, specs: InputSpecs, received: dict[str, WireTensor]) -> None:
-    """InputError naming the tensor when what arrived is not what the bundle takes."""
-    for name, (dtype, shape) in specs.items():
-        tensor = received[name]
-        if dtype is not None and tensor.dtype != dtype:
-            raise InputError(f"stage {stage}: tensor {name!r} arrived as {tensor.dtype}, the "
-                             f"bundle takes {dtype}")
-        if shape is not None and (len(tensor.shape) != len(shape) or any(
-                want is not None and want != got for want, got in zip(shape, tensor.shape))):
-            raise InputError(f"stage {stage}: tensor {name!r} arrived with shape "
-                             f"{list(tensor.shape)}, the bundle takes "
-                             f"{['?' if d is None else d for d in shape]}")
-
-
 class _Counters:
     """What STATS reports. Written by the loop and the worker thread, each its own fields."""
 
@@ -163,8 +111,7 @@ class Node:
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = f"{config.host}:{config.port}"
-        self._session: ort.InferenceSession | None = None
-        self._specs: InputSpecs = {}
+        self._engine: Engine | None = None
         self._sha: str | None = None
         self._plan: Configure | None = None
         self._generation = 0  # bumped per dispatcher session; stale work is dropped
@@ -387,10 +334,9 @@ class Node:
 
     async def _install(self, data: bytes | memoryview, sha: str) -> None:
         loop = asyncio.get_running_loop()
-        session = await loop.run_in_executor(self._executor, _load_session, bytes(data),
-                                             self.config.threads)
-        self._session, self._sha, self._plan = session, sha, None
-        self._specs = input_specs(session)
+        engine = await loop.run_in_executor(self._executor, load_engine, bytes(data),
+                                            self.config.threads)
+        self._engine, self._sha, self._plan = engine, sha, None
         log.info("loaded bundle %s (%d bytes)", sha[:12], len(data))
 
     async def _on_load(self, msg: Load) -> str:
@@ -401,12 +347,12 @@ class Node:
         return "load"
 
     async def _on_configure(self, msg: Configure) -> str:
-        if self._session is None:
+        if self._engine is None:
             raise ManifestError(f"node {self.node_id} has no bundle; push one with LOAD or "
                                 "start it with `defer serve BUNDLE`")
         parse_codec(msg.codec)
-        inputs = {i.name for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
+        inputs = {i.name for i in self._engine.inputs}
+        outputs = {o.name for o in self._engine.outputs}
         for what, names, pool in (("consumes", inputs, msg.receives),
                                   ("forwards", msg.forward, msg.receives),
                                   ("sends", msg.outputs, outputs)):
@@ -457,14 +403,14 @@ class Node:
         loop = asyncio.get_running_loop()
         while True:
             generation, msg = await self._compute_q.get()
-            plan, session, specs = self._plan, self._session, self._specs
-            if generation != self._generation or plan is None or session is None:
+            plan, engine = self._plan, self._engine
+            if generation != self._generation or plan is None or engine is None:
                 log.debug("dropping request %d: queued under an old wiring", msg.request_id)
                 continue
             self._in_worker += 1  # until it is in the send queue, so a drain waits for it
             try:
                 out = await loop.run_in_executor(self._executor, self._run_stage, plan,
-                                                 session, specs, msg)
+                                                 engine, msg)
             except DeferError as err:
                 self.counters.errors += 1
                 log.warning("request %d failed: %s", msg.request_id, err)
@@ -479,19 +425,21 @@ class Node:
             finally:
                 self._in_worker -= 1
 
-    def _run_stage(self, plan: Configure, session: ort.InferenceSession, specs: InputSpecs,
-                   msg: Infer) -> Message:
+    def _run_stage(self, plan: Configure, engine: Engine, msg: Infer) -> Message:
         """Worker thread: check and decode what onnxruntime consumes, run it, encode, forward."""
         c, t0 = self.counters, time.perf_counter()
         received = {t.name: t for t in msg.tensors}
         if received.keys() != plan.receives_set:
             raise InputError(f"stage {plan.stage} expects tensors {sorted(plan.receives)}, "
                              f"got {sorted(received)}")
-        check_inputs(plan.stage, specs, received)
-        feeds = {name: decode_tensor(received[name]) for name in specs}
+        for spec in engine.inputs:
+            tensor = received[spec.name]
+            check_tensor(spec, tensor.dtype, tensor.shape,
+                         f"stage {plan.stage}: tensor {spec.name!r}", arrived=True)
+        feeds = {spec.name: decode_tensor(received[spec.name]) for spec in engine.inputs}
         t1 = time.perf_counter()
         try:
-            arrays = session.run(list(plan.outputs), feeds)
+            arrays = engine.run(plan.outputs, feeds)
         except Exception as err:  # noqa: BLE001 - onnxruntime's errors share no base class
             raise NodeError(f"onnxruntime failed at stage {plan.stage}: {err}",
                             node=self.node_id) from None
@@ -525,7 +473,7 @@ class Node:
             if isinstance(msg, Infer | Result):
                 for t in msg.tensors:
                     self.counters.bytes_out[t.codec] += t.nbytes
-                    self.counters.raw_out += raw_nbytes(t)
+                    self.counters.raw_out += t.raw_nbytes
 
 
 def run_node(config: NodeConfig, on_ready: Callable[[str, int], None] | None = None) -> None:

@@ -1,12 +1,15 @@
-# The defer wire protocol, sans-IO: `encode(msg) -> bytes` and an incremental `Decoder`
-# (`feed(bytes)`, `feed_eof()`, `next() -> Message | None`). No sockets, no threads, no pickle.
-# Messages are frozen dataclasses (a tagged union, `Message`). Every size is bounded by `Limits`;
-# a malformed, oversized or truncated frame raises ProtocolError and nothing else. A clean EOF
-# between frames is not an error. Every metadata field is type- and range-checked on decode
-# (roles, hashes, nonces, addresses, names, sizes). Tensor payloads travel as opaque bytes:
-# `codecs` gives them meaning, this module only checks that their declared sizes are sane,
-# including the decoded size a shape implies (<= Limits.tensor), so no codec can be made to
-# allocate more than that. HANDSHAKE_LIMITS bound what an unauthenticated peer may send.
+"""The defer wire protocol, sans-IO: `encode(msg) -> bytes` and an incremental `Decoder`.
+
+`feed(bytes)`, `feed_eof()`, `next() -> Message | None`. No sockets, no threads, no pickle.
+Messages are frozen dataclasses (a tagged union, `Message`). Every size is bounded by `Limits`;
+a malformed, oversized or truncated frame raises ProtocolError and nothing else. A clean EOF
+between frames is not an error. Every metadata field is type- and range-checked on decode
+(roles, hashes, nonces, addresses, names, sizes). Tensor payloads travel as opaque bytes:
+`defer.codecs` gives them meaning, this module only checks that their declared sizes are sane,
+including the decoded size a shape implies (<= Limits.tensor), so no codec can be made to
+allocate more than that. HANDSHAKE_LIMITS bound what an unauthenticated peer may send.
+This is the one module to change for the wire format; the frame layout is written out below.
+"""
 from __future__ import annotations
 
 import functools
@@ -17,18 +20,17 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from defer.errors import ProtocolError
+from defer.address import parse_address
+from defer.codecs import WireTensor
+from defer.errors import ProtocolError, UsageError
+
+# numpy dtype names a tensor may declare; anything else is a protocol error (never np.dtype(str)).
+from defer.tensors import DTYPES
 
 MAGIC = b"DEFR"
 PROTOCOL_VERSION = 1
 ALIGN = 8  # metadata and every payload segment are padded to this, so tensors land aligned
 
-# numpy dtype names a tensor may declare; anything else is a protocol error (never np.dtype(str)).
-DTYPES: dict[str, int] = {
-    "float16": 2, "float32": 4, "float64": 8, "bool": 1,
-    "int8": 1, "int16": 2, "int32": 4, "int64": 8,
-    "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
-}
 MAX_DIMS = 16
 MAX_NAME = 1024
 
@@ -111,9 +113,10 @@ def _role(v: Any, name: str) -> str:
 def _hop(v: Any, name: str) -> str:
     v = _name(v, name)
     if v != "dispatcher":
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise _bad(f"field {name!r} must be host:port or 'dispatcher', got {v!r:.60}")
+        try:
+            parse_address(v)
+        except UsageError:
+            raise _bad(f"field {name!r} must be host:port or 'dispatcher', got {v!r:.60}") from None
     return v
 
 
@@ -139,33 +142,6 @@ def _opt_dict(v: Any, name: str) -> dict[str, Any] | None:
 
 
 # --- messages ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class WireTensor:
-    """One encoded tensor: what it is (name, dtype, shape), how it is encoded, and the bytes.
-
-    `inner` is the size of an intermediate stream for two-step codecs (zfp+lz4), else 0.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    codec: str
-    data: bytes | bytearray | memoryview = field(repr=False)
-    inner: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) if not isinstance(self.data, memoryview) else self.data.nbytes
-
-
-def raw_nbytes(tensor: WireTensor) -> int:
-    """Bytes the tensor takes decoded (what the raw codec would send)."""
-    count = 1
-    for dim in tensor.shape:
-        count *= dim
-    return count * DTYPES[tensor.dtype]
-
 
 @dataclass(frozen=True, kw_only=True)
 class _Base:

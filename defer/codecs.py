@@ -1,14 +1,18 @@
-# Per-tensor activation codecs. `encode_tensor(name, array, codec) -> WireTensor` and
-# `decode_tensor(WireTensor) -> ndarray`; each tensor carries its codec, dtype and shape, so a
-# receiver needs no configuration. Specs: raw | lz4 | zfp | zfp:<tol> | zfp+lz4 | zfp:<tol>+lz4.
-# `zfp` is reversible (lossless), `zfp:<tol>` fixed accuracy (|error| <= tol). zfp sees the tensor
-# flattened to 1-D and only takes float32/64 and int32/64: other dtypes fall back to lz4, integer
-# tensors never go lossy, empty tensors go raw. raw is zero-copy both ways. Bad payloads raise
-# CodecError; a bad spec raises UsageError.
+"""Per-tensor activation codecs, shared by the runtime (which applies them on every hop) and the
+compiler (which prices them).
+
+`encode_tensor(name, array, codec) -> WireTensor` and `decode_tensor(WireTensor) -> ndarray`;
+each tensor carries its codec, dtype and shape, so a receiver needs no configuration. Specs:
+raw | lz4 | zfp | zfp:<tol> | zfp+lz4 | zfp:<tol>+lz4. `zfp` is reversible (lossless),
+`zfp:<tol>` fixed accuracy (|error| <= tol). zfp sees the tensor flattened to 1-D and only takes
+float32/64 and int32/64: other dtypes fall back to lz4, integer tensors never go lossy, empty
+tensors go raw. raw is zero-copy both ways. Bad payloads raise CodecError; a bad spec raises
+UsageError. `CODEC_HELP` is the one description of the specs that every --codec option shows.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import lz4.block
@@ -16,10 +20,35 @@ import numpy as np
 import zfpy
 
 from defer.errors import CodecError, UsageError
-from defer.runtime.protocol import DTYPES, WireTensor
+from defer.tensors import DTYPES
 
 ZFP_DTYPES = frozenset({"float32", "float64", "int32", "int64"})
 CODEC_HELP = "raw, lz4, zfp (lossless), zfp:<tol> (|error| <= tol), zfp+lz4, zfp:<tol>+lz4"
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """One encoded tensor: what it is (name, dtype, shape), how it is encoded, and the bytes.
+
+    `inner` is the size of an intermediate stream for two-step codecs (zfp+lz4), else 0.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: str
+    data: bytes | bytearray | memoryview = field(repr=False)
+    inner: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if not isinstance(self.data, memoryview) else self.data.nbytes
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes the tensor takes decoded (what the raw codec would send)."""
+        return math.prod(self.shape) * DTYPES[self.dtype]
+
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defer.codecs import max_abs_error, parse_codec
+from defer.engines import load_engine
 from defer.errors import StartupError, UsageError
+from defer.fidelity import run_chain, stage_engines, worst
 from defer.manifest import MANIFEST_NAME, Manifest, load_manifest
-from defer.runtime.codecs import max_abs_error, parse_codec
 from defer.runtime.dispatcher import Dispatcher
-from defer.runtime.inputs import Sample, random_inputs
+from defer.runtime.node import READY_PREFIX
 from defer.runtime.report import percentiles_ms
+from defer.tensors import Sample, random_inputs
 
 log = logging.getLogger(__name__)
-
-READY_PREFIX = "defer node listening on "
-
 
 @dataclass
 class NodeProcess:
@@ -214,7 +214,7 @@ def run_local(model: str | Path | None = None, n_stages: int | None = None, coun
     with tempfile.TemporaryDirectory(prefix="defer-run-") as tmp:
         bundles = Path(out_dir) if out_dir else Path(tmp) / "bundles"
         manifest, whole = resolve_model(model, n_stages, bundles, profile=profile)
-        samples = random_inputs(manifest, count + warmup, seed)
+        samples = random_inputs(manifest.inputs, count + warmup, seed)
         single = single_process(manifest, whole, samples, warmup)
         with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
             dispatcher = Dispatcher(manifest, cluster.addresses, codec=codec, inflight=inflight,
@@ -244,14 +244,11 @@ def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
 
     Without the whole model (`whole` None) the bundles run in sequence in this process.
     """
-    from defer.compiler.verify import run_chain
-    from defer.runtime.node import make_session
-
     names = [s.name for s in manifest.outputs]
     if whole is not None:
-        sessions, label = [make_session(whole.SerializeToString(), 1)], "whole model"
+        engines, label = [load_engine(whole.SerializeToString(), format="onnx")], "whole model"
     else:
-        sessions = [make_session(str(manifest.bundle_path(s.index)), 1) for s in manifest.stages]
+        engines = stage_engines(manifest)
         label = "bundles in sequence (whole model not found)"
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cores)})
@@ -261,8 +258,8 @@ def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
             if i == warmup:
                 cpu_start = time.process_time()
             start = time.perf_counter()
-            out = run_chain(manifest, sample, sessions) if whole is None else \
-                dict(zip(names, sessions[0].run(names, sample)))
+            out = run_chain(manifest, sample, engines) if whole is None else \
+                dict(zip(names, engines[0].run(names, sample)))
             if i >= warmup:
                 latencies.append(time.perf_counter() - start)
                 outputs.append(out)
@@ -278,8 +275,5 @@ def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
 
 def fidelity(outputs: list[Sample], reference: list[Sample]) -> tuple[float, float]:
     """Worst absolute error and worst error relative to the output's largest magnitude."""
-    from defer.compiler.verify import compare
-
-    worst = [compare(got, want) for got, want in zip(outputs, reference)]
-    return (max((f.max_abs for f in worst), default=0.0),
-            max((f.max_rel for f in worst), default=0.0))
+    result = worst(list(zip(outputs, reference)))
+    return result.max_abs, result.max_rel
