@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
     from defer.compiler import compile_model, load_model
     from defer.compiler.load import sample_inputs
-    from defer.examples import example_model
+    from defer.examples import example_onnx
 
     ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
-    loaded = load_model(example_model("resnet50"))
+    loaded = load_model(example_onnx("resnet50"))
     samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     results, tables = {}, []
     if "compute" in only:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -234,23 +236,59 @@ def build(name: str, path: Path, seed: int = 0) -> Path:
 def example_model(name: str = "resnet50", cache_dir: Path | None = None) -> Path:
     """The cached `.h5` of example `name` (seed 0), built once into `cache_dir`
     (default ~/.cache/defer/models) as `NAME-vN.h5`, N = BUILDERS_VERSION. The file appears
-    atomically (temp file + os.replace): never half written."""
+    atomically (temp file + os.replace): never half written; concurrent callers build it once."""
     _builder(name)
-    cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
-    path = cache_dir / f"{name}-v{BUILDERS_VERSION}.h5"
-    if path.is_file():
-        log.debug("example %s cached at %s", name, path)
-        return path
-    log.info("building example model %s into %s (once)", name, cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = _cache_dir(cache_dir) / f"{name}-v{BUILDERS_VERSION}.h5"
+    with _cache_lock(path):
+        if path.is_file():
+            log.debug("example %s cached at %s", name, path)
+            return path
+        log.info("building example model %s into %s (once)", name, path.parent)
+        _atomic(path, lambda tmp: build(name, tmp))
+    return path
+
+
+def example_onnx(name: str = "resnet50", cache_dir: Path | None = None) -> Path:
+    """The example converted to ONNX by the compiler's loader (tf2onnx), cached beside its
+    `.h5` as `NAME-vN.onnx`: ResNet50's conversion takes ~20 s and ~7 GB, so it happens once."""
+    h5 = example_model(name, cache_dir)
+    path = h5.with_suffix(".onnx")
+    with _cache_lock(path):
+        if path.is_file():
+            return path
+        from defer.compiler.load import load_model
+
+        log.info("converting example model %s to ONNX (once)", name)
+        model = load_model(h5).model
+        _atomic(path, lambda tmp: tmp.write_bytes(model.SerializeToString()))
+    return path
+
+
+def _cache_dir(cache_dir: Path | None) -> Path:
+    path = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """Hold an exclusive lock beside `path` so concurrent processes build it only once."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     # Not mkstemp: its 0600 mode would survive os.replace; a unique name is enough here.
-    tmp = cache_dir / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp.h5"
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
-        build(name, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def digits_cnn(path: Path, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:

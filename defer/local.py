@@ -174,9 +174,9 @@ def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
                   profile: bool = True) -> tuple[Manifest, Any]:
     """(manifest, whole ONNX model or None) for a model file, a bundle dir or the example."""
     if model is None:
-        from defer.examples import example_model
+        from defer.examples import example_onnx
 
-        model = example_model("resnet50")
+        model = example_onnx("resnet50")
     path = Path(model)
     if (path / MANIFEST_NAME).exists() or path.name == MANIFEST_NAME:
         manifest = load_manifest(path)
