@@ -12,7 +12,8 @@ values and calls `build_graph`:
     inputs, outputs   the model's input and output tensor names.
 
 `build_graph` then:
-1. orders the ops topologically and finds the *constant-only* ops: every input a constant or
+1. drops ops no model output depends on, orders the rest topologically and finds the
+   *constant-only* ops: every input a constant or
    the output of another constant-only op (Identity/Transpose/Cast/DequantizeLinear/Reshape of a
    weight, TFLite's weight DEQUANTIZE). They are no position of the order. Each stays attached
    to the ops that consume it: `Op.attached` lists them (indices into GraphInfo.const_ops, in
@@ -32,6 +33,7 @@ b)` (each shared weight once), `attached_ops(a, b)`, `memory()` (a StageMemory).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -44,6 +46,8 @@ from onnx import helper
 from defer.compiler.memory import StageMemory
 from defer.compiler.order import choose_order, topological
 from defer.tensors import TensorSpec, itemsize
+
+log = logging.getLogger(__name__)
 
 GRAPH_INPUT = -1
 # Ops whose output differs run to run: never constant, never duplicated into several stages.
@@ -165,6 +169,7 @@ def build_graph(ops: Sequence[Op], constants: dict[str, int], specs: dict[str, T
     """Attach constant-only ops, choose the op order and record producers and last uses."""
     for i, op in enumerate(ops):
         op.index = i
+    ops = _live(ops, outputs)
     regular, const_ops, needs = _attach_constants(ops, constants, set(inputs))
     sizes = _tensor_sizes(specs, batch)
     chosen, name = choose_order(regular, set(inputs), list(outputs), sizes, order)
@@ -192,6 +197,37 @@ def build_graph(ops: Sequence[Op], constants: dict[str, int], specs: dict[str, T
             producer[t] = n - 1
     return GraphInfo(ordered, const_ops, specs, dict(constants), list(inputs), outputs,
                      producer, last_use, batch, model, name)
+
+
+def _live(ops: Sequence[Op], outputs: Sequence[str]) -> list[Op]:
+    """The ops that contribute to some model output (dead ones would make empty stages)."""
+    needed = set(outputs)
+    live = []
+    for op in reversed(ops):  # any order: repeat until nothing changes
+        if needed & set(op.outputs):
+            needed.update(op.inputs)
+            live.append(op)
+    live.reverse()
+    if len(live) < len(ops):
+        keep = {id(op) for op in live}
+        missing = [op for op in ops if id(op) not in keep]
+        if any(needed & set(op.outputs) for op in missing):  # file not in topological order
+            return _live_by_fixpoint(ops, outputs)
+        log.info("dropping %d ops that no model output depends on", len(missing))
+    return live
+
+
+def _live_by_fixpoint(ops: Sequence[Op], outputs: Sequence[str]) -> list[Op]:
+    needed, live = set(outputs), set()
+    changed = True
+    while changed:
+        changed = False
+        for i, op in enumerate(ops):
+            if i not in live and needed & set(op.outputs):
+                live.add(i)
+                needed.update(op.inputs)
+                changed = True
+    return [op for i, op in enumerate(ops) if i in live]
 
 
 def _attach_constants(ops: Sequence[Op], constants: dict[str, int], inputs: set[str]):

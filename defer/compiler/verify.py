@@ -60,9 +60,10 @@ def measure_stages(manifest: Manifest, feeds: dict[str, np.ndarray], runs: int =
 
 
 def constant_sends(manifest: Manifest) -> list[set[str] | None]:
-    """Per stage, the tensors it sends that depend on no model input: weights, or values
-    computed only from weights. A correct plan sends none. Read from the ONNX bundles (weights
-    not loaded); None for a stage whose format this audit does not read."""
+    """Per stage, the tensors it sends to the next stage that depend on no model input:
+    weights, or values computed only from weights. A correct plan sends none (the last stage's
+    model outputs are not checked: they are what the model returns). Read from the ONNX
+    bundles (weights not loaded); None for a stage whose format this audit does not read."""
     from defer.compiler.graph import node_inputs
 
     constant: set[str] = set()  # tensors received so far that are constants
@@ -81,5 +82,5 @@ def constant_sends(manifest: Manifest) -> list[set[str] | None]:
                 live.update(node.output)
         constant = {t for t in stage.sends
                     if (t in produced and t not in live) or (t not in produced and t in constant)}
-        result.append(constant)
+        result.append(constant if stage.index < len(manifest.stages) - 1 else set())
     return result
