@@ -72,6 +72,28 @@ def mobilenetv2(seed: int = 0) -> Any:
     return _calibrate_batchnorm(model, seed)
 
 
+def inceptionv3(seed: int = 0) -> Any:
+    """keras.applications.InceptionV3, random weights, 299x299x3 -> 1000 logits (branchy:
+    four to six parallel branches per block, so the op order matters)."""
+    keras = _seeded_keras(seed)
+    image = keras.Input((299, 299, 3), name="input")
+    model = keras.applications.InceptionV3(
+        weights=None, input_tensor=image, classifier_activation=None
+    )
+    return _calibrate_batchnorm(model, seed, batch=2)
+
+
+def densenet121(seed: int = 0) -> Any:
+    """keras.applications.DenseNet121, random weights, 224x224x3 -> 1000 logits (dense
+    blocks: every layer reads all earlier feature maps of its block)."""
+    keras = _seeded_keras(seed)
+    image = keras.Input((224, 224, 3), name="input")
+    model = keras.applications.DenseNet121(
+        weights=None, input_tensor=image, classifier_activation=None
+    )
+    return _calibrate_batchnorm(model, seed, batch=2)
+
+
 def _calibrate_batchnorm(model: Any, seed: int, batch: int = 4) -> Any:
     """Set every BatchNormalization's moving mean/variance to its batch statistics on one
     seeded batch of uniform [0, 1) inputs, so each BN normalises its input in inference mode.
@@ -212,6 +234,8 @@ def wide_skip(seed: int = 0) -> Any:
 EXAMPLES: dict[str, Callable[..., Any]] = {
     "resnet50": resnet50,
     "mobilenetv2": mobilenetv2,
+    "inceptionv3": inceptionv3,
+    "densenet121": densenet121,
     "tiny_cnn": tiny_cnn,
     "densenet_tiny": densenet_tiny,
     "multi_io": multi_io,
