@@ -4,9 +4,9 @@ profile, plan, export), each in a fresh process so its peak is its own:
 - a transformer encoder of >= 8,000 ops built with onnx.helper (seeded random weights; each
   layer also reaches one weight through a Transpose, a constant-only op), at n=16;
 - ResNet50 at n=8, with this tree and (with --baseline DIR) with another checkout, same run;
-- the op order: wire bytes and slowest stage of InceptionV3 and DenseNet121 at n=4 and n=8,
-  the file's order against the chosen one (--profile off: FLOP estimates, so the figures are
-  deterministic).
+- the op order: wire bytes and slowest stage of InceptionV3 and DenseNet121 at n=4 and n=8
+  for each candidate order the compiler planned (file, depth, greedy) and the one it chose
+  (--no-profile: FLOP estimates, so the figures are deterministic).
 
     python -m benchmarks.scale [--baseline /work/main] [--layers 320] [--only NAME ...]
 
@@ -114,7 +114,8 @@ def child(model: str, n: int, profile: bool, order: str | None) -> dict:
     return {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "n_ops": manifest.model.get("n_ops"), "bottleneck_ms": plan["bottleneck"] * 1e3,
             "wire_bytes": plan["wire_bytes"], "op_order": plan.get("op_order", "file"),
-            "hop_bytes": [s.bytes_out for s in manifest.stages[:-1]]}
+            "hop_bytes": [s.bytes_out for s in manifest.stages[:-1]],
+            "op_orders": plan.get("op_orders", {})}
 
 
 def _spawn(model: str, n: int, profile: bool = True, order: str | None = None,
@@ -156,8 +157,7 @@ def run_order() -> dict:
     out = {}
     for name in ("inceptionv3", "densenet121"):
         path = str(example_onnx(name))
-        out[name] = {f"n{n}": {order: _spawn(path, n, profile=False, order=order)
-                               for order in ("file", "auto")} for n in (4, 8)}
+        out[name] = {f"n{n}": _spawn(path, n, profile=False, order="auto") for n in (4, 8)}
     return out
 
 
@@ -172,11 +172,11 @@ def render(results: dict) -> str:
         lines.append(f"resnet50 n=8 {key:<12}: {r['wall_s']:.2f} s wall, "
                      f"{r['peak_rss_mb']:.0f} MB peak RSS")
     for name, by_n in results.get("order", {}).items():
-        for n, by_order in by_n.items():
-            f, a = by_order["file"], by_order["auto"]
-            lines.append(f"{name} {n}: wire {f['wire_bytes'] / 1e6:.2f} MB (file order) -> "
-                         f"{a['wire_bytes'] / 1e6:.2f} MB ({a['op_order']}); slowest stage "
-                         f"{f['bottleneck_ms']:.2f} -> {a['bottleneck_ms']:.2f} ms (estimate)")
+        for n, r in by_n.items():
+            cells = ", ".join(f"{order} {o['wire_bytes'] / 1e6:.2f} MB / {o['bottleneck'] * 1e3:.2f} ms"
+                              for order, o in r["op_orders"].items())
+            lines.append(f"{name} {n} wire / slowest stage by op order: {cells}; "
+                         f"chosen: {r['op_order']}")
     return "\n".join(lines)
 
 

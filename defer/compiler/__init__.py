@@ -16,11 +16,11 @@ import onnx
 
 from defer import __version__, progress
 from defer.compiler.export import stage_model, write_bundles
-from defer.compiler.graph import GraphInfo, analyse
+from defer.compiler.graph import GraphInfo, analyse, analyse_orders
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.options import STRATEGIES, CompileOptions, as_options
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
-from defer.compiler.profile import Costs, estimate_costs, profile_costs
+from defer.compiler.profile import Costs, costs_from_profile, estimate_costs, profile
 from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
 from defer.errors import PlanError
@@ -44,21 +44,30 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     opts = as_options(options, n_stages, **overrides)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     with progress.phase("analyse"):
-        info = analyse(loaded.model, batch=opts.batch, order=opts.order)
-    log.info("%d ops (%d constant-only ops attached to their consumers), %s op order",
-             info.n_ops, len(info.const_ops), info.order)
+        infos = analyse_orders(loaded.model, batch=opts.batch, order=opts.order)
+    info = infos[0]
+    log.info("%d ops (%d constant-only ops attached to their consumers)",
+             info.n_ops, len(info.const_ops))
     if opts.n_stages > info.n_ops:
         raise PlanError(f"-n {opts.n_stages} is more stages than the model has ops "
                         f"({info.n_ops}); pass -n {info.n_ops} or fewer")
-    costs = (profile_costs(info, runs=opts.profile_runs) if opts.profile
-             else estimate_costs(info))
-    wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
-    with progress.phase("plan"):
-        problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
-                                opts.latency, opts.memory, opts.local_input, opts.overlap, wire)
-        plan = _choose_plan(info, problem, opts.strategy, opts.cuts)
-        baseline = equal_layers(problem)
-    log.info("plan: %r", plan)
+    measured = profile(info, runs=opts.profile_runs) if opts.profile else None
+    candidates = []
+    with progress.phase("plan", total=len(infos)) as step:
+        for info in infos:  # one plan per candidate op order: keep the best
+            costs = costs_from_profile(info, measured) if measured else estimate_costs(info)
+            wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
+            problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
+                                    opts.latency, opts.memory, opts.local_input, opts.overlap,
+                                    wire)
+            candidates.append((_choose_plan(info, problem, opts.strategy, opts.cuts), info,
+                               problem, costs))
+            step()
+    plan, info, problem, costs = min(candidates, key=lambda c: _rank(c[0], candidates[0][0]))
+    baseline = equal_layers(problem)
+    orders = {i.order: {"bottleneck": p.bottleneck, "wire_bytes": p.wire_bytes}
+              for p, i, _, _ in candidates}
+    log.info("plan: %r (%s op order)", plan, info.order)
     with progress.phase("export", total=opts.n_stages) as step:
         stages = []
         for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
@@ -70,8 +79,8 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
                    "opset": _opset(loaded.model), "n_ops": info.n_ops,
                    "inputs": [info.specs[t].to_dict() for t in info.input_names],
                    "outputs": [info.specs[t].to_dict() for t in info.output_names]},
-            plan=_plan_record(plan, problem, baseline, costs.source, opts.batch, opts.memory,
-                              info.order),
+            plan={**_plan_record(plan, problem, baseline, costs.source, opts.batch,
+                                 opts.memory, info.order), "op_orders": orders},
             stages=[spec for _, spec in stages],
             codec=opts.codec,
             created_by=f"defer {__version__}",
@@ -79,6 +88,12 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
         log.info("writing %d bundles to %s", opts.n_stages, out_dir)
         write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
     return manifest
+
+
+def _rank(plan: Plan, first: Plan) -> tuple:
+    """Order plans by slowest stage (ties within 1e-9), then wire bytes, then total time."""
+    close = abs(plan.bottleneck - first.bottleneck) <= 1e-9 * first.bottleneck
+    return (first.bottleneck if close else plan.bottleneck, plan.wire_bytes, plan.total)
 
 
 def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,

@@ -275,6 +275,20 @@ def analyse(model: onnx.ModelProto, batch: int = 1, order: str = "auto") -> Grap
                        [o.name for o in graph.output], batch, model, order)
 
 
+def analyse_orders(model: onnx.ModelProto, batch: int = 1, order: str = "auto") -> list[GraphInfo]:
+    """One GraphInfo per candidate op order (`auto`: file, depth, greedy; duplicates dropped),
+    so the compiler can plan each and keep the best; else just the one asked for."""
+    names = ["file", "depth", "greedy"] if order == "auto" else [order]
+    infos, seen = [], set()
+    for name in names:
+        info = analyse(model, batch, name)
+        key = tuple(op.name for op in info.ops)
+        if key not in seen:
+            seen.add(key)
+            infos.append(info)
+    return infos
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """A node's inputs plus the outer-scope tensors its subgraphs (If/Loop/Scan) read."""
     names = [t for t in node.input if t]

@@ -65,17 +65,37 @@ def profile_costs(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int
     With `deployed`, the BASIC costs are rescaled to what ORT_ENABLE_ALL kernels really take,
     and the cost of cutting (reorders, broken fusions) is measured too.
     """
+    return costs_from_profile(info, profile(info, runs, warmup, threads, deployed))
+
+
+@dataclass
+class Profile:
+    """The reduced profiles of one model: BASIC, and ORT_ENABLE_ALL if `deployed`."""
+
+    basic: _Summary
+    deployed: _Summary | None
+
+
+def profile(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int = 1,
+            deployed: bool = True) -> Profile:
+    """Profile the model of `info` (see profile_costs); kernels are keyed by op name, so one
+    Profile prices the same model in any op order (`costs_from_profile`)."""
     import onnxruntime as ort
 
     levels = [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
     if deployed:
         levels.append(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     with progress.phase("profile", total=len(levels) * (warmup + runs)) as step:
-        basic = _costs_from_kernels(info, _profile(info, levels[0], runs, warmup, threads, step))
-        if not deployed:
-            return Costs.nodes_only(basic, "profile (ORT_ENABLE_BASIC)")
-        summary = _profile(info, levels[1], runs, warmup, threads, step)
-    return _deployed_costs(info, basic, summary)
+        summaries = [_profile(info, level, runs, warmup, threads, step) for level in levels]
+    return Profile(summaries[0], summaries[1] if deployed else None)
+
+
+def costs_from_profile(info: GraphInfo, measured: Profile) -> Costs:
+    """Costs of the ops of `info`, in its order, from a Profile of the same model."""
+    basic = _costs_from_kernels(info, measured.basic)
+    if measured.deployed is None:
+        return Costs.nodes_only(basic, "profile (ORT_ENABLE_BASIC)")
+    return _deployed_costs(info, basic, measured.deployed)
 
 
 @dataclass
