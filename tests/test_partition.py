@@ -150,18 +150,20 @@ def test_memory_reach_is_the_last_end_under_the_cap(n_ops, seed, cap):
         assert fits == list(range(a + 1, reach[a] + 1))  # grows with b: an interval
 
 
-def test_large_problem_is_fast_and_small():
-    import resource
-    import time
+def test_large_problem_needs_no_square_matrix():
+    import tracemalloc
 
     rng = np.random.default_rng(0)
     n_ops = 20_000
     compute = rng.exponential(1e-4, n_ops) * (rng.random(n_ops) < 0.5)
-    started = time.perf_counter()
-    plan = balanced(Problem(compute, rng.integers(1000, 100_000, n_ops + 1).astype(float),
-                            [1.0] * 16, bandwidth=1e9))
+    problem = Problem(compute, rng.integers(1000, 100_000, n_ops + 1).astype(float),
+                      [1.0] * 16, bandwidth=1e9)
+    tracemalloc.start()
+    try:
+        plan = balanced(problem)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert plan.over_ideal < 1.01 and len(plan.bounds) == 17
-    # No (N+1)^2 matrix: 20k ops x 16 stages is well under a second on one core and never
-    # needs the 3.2 GB per stage the dense formulation did (asserted loosely: shared machine).
-    assert time.perf_counter() - started < 30
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 3 * 2**20  # KiB: < 3 GiB
+    # The dense formulation held a 20,001^2 float64 matrix per stage: 3.2 GB each.
+    assert peak < 200e6, peak
