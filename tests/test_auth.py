@@ -1,8 +1,10 @@
-# Authentication and TLS against real node processes: a node with a token refuses every message
-# type from a client that has no token, the wrong one, or a proof replayed from another
-# connection, and acts on none of them; the dispatcher and the node each refuse a peer that
-# cannot prove the token. With TLS on, a plain client is refused and a verified one is served
-# through a TLS data hop. Certificates are generated at test time (cryptography, else openssl).
+"""Authentication and TLS against real node processes: a node with a token refuses every message
+type from a client that has no token, the wrong one, or a proof replayed from another
+connection, and acts on none of them; the dispatcher and the node each refuse a peer that
+cannot prove the token. With TLS on, a plain client is refused and a verified one is served
+through a TLS data hop. Certificates are generated at test time (cryptography, else openssl).
+"""
+
 from __future__ import annotations
 
 import datetime

@@ -64,10 +64,11 @@ def serve(**fields) -> None:
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
     SIGINT/SIGTERM drain in-flight requests and exit 0.
     """
+    from defer.address import format_address
     from defer.runtime.node import READY_PREFIX, run_node
 
     def ready(bound_host: str, bound_port: int) -> None:
-        click.echo(f"{READY_PREFIX}{bound_host}:{bound_port}")
+        click.echo(f"{READY_PREFIX}{format_address(bound_host, bound_port)}")
         sys.stdout.flush()
 
     run_node(NodeConfig(**fields), ready)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from defer.address import format_address
 from defer.codecs import parse_codec
 from defer.engines import load_engine
 from defer.errors import (
@@ -63,7 +64,7 @@ READY_PREFIX = "defer node listening on "  # + HOST:PORT: the line `defer serve`
 class Node:
     def __init__(self, config: NodeConfig):
         self.config = config = config.checked()
-        self.node_id = f"{config.host}:{config.port}"
+        self.node_id = format_address(config.host, config.port)
         self.counters = StageCounters()
         self.pipeline = Pipeline(self.node_id, config.queue_size, self.counters)
         self._sha: str | None = None
@@ -95,7 +96,7 @@ class Node:
                                                                self._lose_downstream))]
                 await server.start_serving()
                 host, port = server.sockets[0].getsockname()[:2]
-                self.node_id = self.pipeline.node_id = f"{host}:{port}"
+                self.node_id = self.pipeline.node_id = format_address(host, port)
                 log.info("node %s listening (bundle %s, %s, %s)", self.node_id,
                          self._sha or "none yet", "TLS" if self._server_tls else "plain TCP",
                          "token required" if self.config.token else "no token")
