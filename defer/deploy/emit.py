@@ -3,7 +3,8 @@
 `to_yaml` takes what the generators build: dicts (kept in insertion order), lists, strings,
 ints, bools and None. A string is written plain when YAML reads it back as that same string,
 else double-quoted with JSON escapes (a JSON string is a valid YAML double-quoted scalar), so
-`"7000"`, `"true"`, `"*"` or `"a: b"` stay strings. `to_yaml_stream` joins documents with `---`.
+`"7000"`, `"true"`, `"*"` or `"a: b"` stay strings. A short list of scalars is written
+on one line (`[a, b]`). `to_yaml_stream` joins documents with `---`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+FLOW_WIDTH = 80  # a list of scalars up to this wide is written on one line
 _PLAIN = re.compile(r"(-+(?=[A-Za-z])|[A-Za-z_/.])[A-Za-z0-9_/.,=+@-]*( [A-Za-z0-9_/.,=+@()-]+)*")
 _RESERVED = re.compile(r"(?i)(y|n|yes|no|true|false|on|off|null|~|[-+]?\.?(inf|nan|[0-9].*))")
 
 
-def scalar(value: Any) -> str:
-    """One YAML scalar that reads back as `value`."""
+def scalar(value: Any, flow: bool = False) -> str:
+    """One YAML scalar that reads back as `value` (inside `[...]` when `flow`)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -26,7 +28,8 @@ def scalar(value: Any) -> str:
     if isinstance(value, int | float):
         return json.dumps(value)
     text = str(value)
-    if _PLAIN.fullmatch(text) and not _RESERVED.fullmatch(text):
+    if (_PLAIN.fullmatch(text) and not _RESERVED.fullmatch(text)
+            and not (flow and "," in text)):
         return text
     return json.dumps(text)
 
@@ -35,14 +38,14 @@ def _lines(value: Any, indent: str) -> Iterable[str]:
     if isinstance(value, dict):
         for key, item in value.items():
             head = f"{indent}{scalar(key)}:"
-            if isinstance(item, dict | list) and item:
+            if isinstance(item, dict) and item or isinstance(item, list) and not _flow(item):
                 yield head
                 yield from _lines(item, indent + "  ")
             else:
                 yield f"{head} {_inline(item)}"
     elif isinstance(value, list):
         for item in value:
-            if isinstance(item, dict | list) and item:
+            if isinstance(item, dict) and item or isinstance(item, list) and not _flow(item):
                 nested = list(_lines(item, indent + "  "))
                 yield f"{indent}- {nested[0].lstrip()}"
                 yield from nested[1:]
@@ -52,11 +55,19 @@ def _lines(value: Any, indent: str) -> Iterable[str]:
         yield indent + scalar(value)
 
 
+def _flow(value: list) -> str | None:
+    """`[a, b]` for a short list of scalars, else None (written as a block)."""
+    if any(isinstance(item, dict | list) for item in value):
+        return None
+    text = "[" + ", ".join(scalar(item, flow=True) for item in value) + "]"
+    return text if len(text) <= FLOW_WIDTH else None
+
+
 def _inline(value: Any) -> str:
     if isinstance(value, dict):
         return "{}"
     if isinstance(value, list):
-        return "[]"
+        return _flow(value) or "[]"
     return scalar(value)
 
 
