@@ -189,3 +189,16 @@ def test_options_are_checked_before_anything_is_written(manifest, tmp_path):
 def test_yaml_scalars_read_back_as_written(value):
     document = {"k": [value, {"v": value}], value or "empty": {"n": 7, "b": False, "z": None}}
     assert yaml.safe_load(to_yaml(document)) == document
+
+
+def test_committed_examples_agree_with_their_manifest():
+    """deploy/compose, deploy/k8s and deploy/systemd were written for one plan (deploy/README)."""
+    stages = Manifest.from_dict(yaml.safe_load((DEPLOY / "k8s" / "manifest.json").read_text()))
+    sums = [f"{s.sha256}  {s.file}" for s in stages.stages]
+    for target in ("compose", "k8s", "systemd"):
+        assert (DEPLOY / target / "SHA256SUMS").read_text().splitlines() == sums
+    services = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())["services"]
+    for stage in stages.stages:
+        assert services[f"node-{stage.index}"]["labels"]["defer.bundle.sha256"] == stage.sha256
+        assert stage.sha256 in (DEPLOY / "k8s" / f"node-{stage.index}.yaml").read_text()
+        assert stage.sha256 in (DEPLOY / "systemd" / f"node-{stage.index}.env").read_text()

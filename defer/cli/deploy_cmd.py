@@ -33,7 +33,7 @@ NEXT_STEPS = {
               help="Folder to write into (created; files of the same name are replaced; an "
                    "existing token file is kept).")
 @click.option("--name", default="defer", show_default=True,
-              help="Prefix of services, units and Kubernetes objects.")
+              help="The compose project's name; prefix of Kubernetes objects.")
 @click.option("--image", default=DEFAULT_IMAGE, show_default=True,
               help="Node image (deploy/Dockerfile, target `node`); also runs the dispatcher.")
 @click.option("--gateway-image", default=DEFAULT_GATEWAY_IMAGE, show_default=True,

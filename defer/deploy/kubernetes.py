@@ -45,9 +45,9 @@ def _node_name(plan: DeployPlan, node: NodeSpec) -> str:
     return f"{plan.options.name}-node-{node.stage}"
 
 
-def _token_env() -> list[dict]:
+def _token_env(plan: DeployPlan) -> list[dict]:
     return [{"name": TOKEN_VARIABLE, "valueFrom": {"secretKeyRef": {
-        "name": "defer-token", "key": TOKEN_VARIABLE}}}]
+        "name": f"{plan.options.name}-token", "key": TOKEN_VARIABLE}}}]
 
 
 def _security() -> tuple[dict, dict]:
@@ -71,7 +71,7 @@ def _node_deployment(plan: DeployPlan, node: NodeSpec) -> dict:
         "image": plan.options.image,
         "args": [f"/bundles/{node.bundle}", "--host", "0.0.0.0", "--port", str(node.port),
                  "--http-port", str(node.http_port)],
-        "env": _token_env(),
+        "env": _token_env(plan),
         "ports": [{"name": "defer", "containerPort": node.port},
                   {"name": "http", "containerPort": node.http_port}],
         "readinessProbe": _probe("/health/ready", "http", 5),
@@ -134,7 +134,7 @@ def _gateway_deployment(plan: DeployPlan) -> dict:
         "command": ["defer", "gateway"],
         "args": ["--manifest", f"{MANIFEST_MOUNT}/manifest.json", "--nodes", nodes,
                  "--host", "0.0.0.0", *ports],
-        "env": _token_env(),
+        "env": _token_env(plan),
         "ports": [{"name": name, "containerPort": port} for name, port in GATEWAY_PORTS.items()],
         "readinessProbe": _probe("/v2/health/ready", "http", 5),
         "livenessProbe": _probe("/v2/health/live", "http", 10),
@@ -151,7 +151,7 @@ def _gateway_deployment(plan: DeployPlan) -> dict:
                      "securityContext": pod_security,
                      "containers": [container],
                      "volumes": [{"name": "manifest",
-                                  "configMap": {"name": "defer-manifest"}}]}}},
+                                  "configMap": {"name": f"{plan.options.name}-manifest"}}]}}},
     }
 
 
@@ -170,6 +170,7 @@ def _kustomization(plan: DeployPlan, resources: list[str]) -> dict:
         "kind": "Kustomization",
         "labels": [{"pairs": {"app.kubernetes.io/part-of": "defer"}}],
         "resources": resources,
-        "configMapGenerator": [{"name": "defer-manifest", "files": ["manifest.json"]}],
-        "secretGenerator": [{"name": "defer-token", "envs": [ENV_FILE]}],
+        "configMapGenerator": [{"name": f"{plan.options.name}-manifest",
+                                "files": ["manifest.json"]}],
+        "secretGenerator": [{"name": f"{plan.options.name}-token", "envs": [ENV_FILE]}],
     }

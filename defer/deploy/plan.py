@@ -49,7 +49,7 @@ class NodeSpec:
 class DeployOptions:
     """Choices the generated files share; the defaults suit `deploy/Dockerfile`'s images."""
 
-    name: str = "defer"  # prefix of services, units and Kubernetes objects
+    name: str = "defer"  # compose project name, prefix of Kubernetes objects
     image: str = DEFAULT_IMAGE
     gateway_image: str = DEFAULT_GATEWAY_IMAGE
     http_offset: int = 100  # a node's health/metrics port = its data port + this
@@ -105,7 +105,7 @@ def build_deploy_plan(manifest_path: str | Path, nodes: str | list[str],
 def _check_options(options: DeployOptions) -> None:
     if not re.fullmatch(r"[a-z]([a-z0-9-]{0,30}[a-z0-9])?", options.name):
         raise UsageError(f"--name {options.name!r}: use lower-case letters, digits and '-' "
-                         "(it names containers, units and Kubernetes objects)")
+                         "(it names the compose project and Kubernetes objects)")
     if not 0 < options.http_offset < 65535:
         raise UsageError(f"--http-offset {options.http_offset}: need 1..65534")
     if not options.device_dir.startswith("/"):
