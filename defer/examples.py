@@ -272,13 +272,14 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 
 @contextlib.contextmanager
 def _cache_lock(path: Path):
-    """Hold an exclusive lock beside `path` so concurrent processes build it only once."""
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold an exclusive lock on the cache folder (no lock file left behind) so concurrent
+    processes build each file only once."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

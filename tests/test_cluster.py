@@ -48,7 +48,7 @@ def test_run_compiles_a_model_file_and_prints_the_report(tmp_path):
 
 def test_run_help_shows_defaults():
     result = CliRunner().invoke(main, ["run", "--help"])
-    assert result.exit_code == 0 and "default: 100" in result.output and "-n, --nodes" in result.output
+    assert result.exit_code == 0 and "default: 100" in result.output and "-n, --stages" in result.output
 
 
 def test_no_process_outlives_an_error(bundles):

@@ -57,8 +57,8 @@ def _check_exactly_once(dispatcher, got, want):
     assert len(got) == len(want)
     for i, (out, ref) in enumerate(zip(got, want)):  # inputs are distinct: equal = in order
         assert np.array_equal(out, ref), f"result {i} differs from the reference"
-    assert dispatcher._completed == len(want)  # first results only: nothing answered twice
-    assert not dispatcher._pending
+    assert dispatcher.completed == len(want)  # first results only: nothing answered twice
+    assert dispatcher.pending == 0
 
 
 def test_kill_9_of_the_middle_node_loses_nothing_with_a_spare(four, chain, record_property):
