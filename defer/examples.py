@@ -1,9 +1,11 @@
-# Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
-# Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
-# (`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
-# seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
-# absence raises MissingDependencyError. Nothing is downloaded (weights=None).
-"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`."""
+"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`.
+
+Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
+Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
+(`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
+seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
+absence raises MissingDependencyError. Nothing is downloaded (weights=None).
+"""
 
 from __future__ import annotations
 

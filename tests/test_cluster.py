@@ -1,6 +1,8 @@
-# The local cluster (`defer run`): real node processes pinned per core, readiness by ready
-# line, a report comparing chain and single process, and no process left behind on success or
-# error. Plus the lossy-codec check on a trained model (digits CNN): zfp:1e-2 keeps >= 99% top-1.
+"""The local cluster (`defer run`): real node processes pinned per core, readiness by ready line,
+a report comparing chain and single process, and no process left behind on success or error.
+Plus the lossy-codec check on a trained model (digits CNN): zfp:1e-2 keeps >= 99% top-1.
+"""
+
 from __future__ import annotations
 
 import json
@@ -71,13 +73,10 @@ def test_shutdown_then_wait_exits_zero(bundles):
 
 
 @pytest.mark.keras
-def test_zfp_keeps_top1_on_the_trained_digits_cnn(tmp_path, record_property):
-    pytest.importorskip("tensorflow")
-    pytest.importorskip("sklearn")
+def test_zfp_keeps_top1_on_the_trained_digits_cnn(digits, tmp_path, record_property):
     from defer.compiler import compile_model
-    from defer.examples import digits_cnn
 
-    keras_path, x_test, _ = digits_cnn(tmp_path / "digits.h5")
+    keras_path, x_test, _ = digits
     manifest = compile_model(keras_path, 3, tmp_path / "bundles", profile=False)
     (spec,) = manifest.inputs
     samples = [x[None].astype(np.float32) for x in x_test]

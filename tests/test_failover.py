@@ -1,7 +1,9 @@
-# Failure detection and failover with replay, with real node processes on loopback: a 4-node
-# chain loses its middle node (kill -9, or SIGSTOP = hung) mid-stream; with a spare every result
-# still arrives once, equal to the whole model; without one every pending request fails within
-# 5 s naming the node, and the same dispatcher goes on once the node is back.
+"""Failure detection and failover with replay, with real node processes on loopback: a 4-node
+chain loses its middle node (kill -9, or SIGSTOP = hung) mid-stream; with a spare every result
+still arrives once, equal to the whole model; without one every pending request fails within 5
+s naming the node, and the same dispatcher goes on once the node is back.
+"""
+
 from __future__ import annotations
 
 import concurrent.futures

@@ -15,25 +15,12 @@ from pathlib import Path
 
 import click
 
+from defer.cli.common import heartbeat_option, resolve_token, token_options
 from defer.codecs import CODEC_HELP
 from defer.local import RunOptions
 from defer.runtime.options import DispatchOptions, NodeConfig
 
-TOKEN_HELP = ("Shared secret: peers prove they hold it (HMAC challenge-response in HELLO; it "
-              "never crosses the wire). Prefer the DEFER_TOKEN variable: options show in `ps`.")
-HEARTBEAT_HELP = ("Seconds between heartbeats on an idle connection; a peer silent for 3 of "
-                  "its intervals is dead (0 = no heartbeats).")
 _NODE, _DISPATCH, _RUN = NodeConfig(), DispatchOptions(), RunOptions()
-
-
-def _token_option(func):
-    return click.option("--token", envvar="DEFER_TOKEN", show_envvar=True, default=None,
-                        help=TOKEN_HELP + "  [default: none, no authentication]")(func)
-
-
-def _heartbeat_option(func):
-    return click.option("--heartbeat", type=float, default=_NODE.heartbeat, show_default=True,
-                        help=HEARTBEAT_HELP)(func)
 
 
 def _file(**kwargs):
@@ -50,27 +37,32 @@ def _file(**kwargs):
               help="Engine (onnxruntime/LiteRT) threads.")
 @click.option("--cpu", type=int, default=None,
               help="Pin this node to core K (os.sched_setaffinity).  [default: no pinning]")
-@_token_option
+@token_options
 @click.option("--tls-cert", type=_file(), default=None,
               help="Serve TLS with this certificate (PEM); needs --tls-key.  [default: no TLS]")
 @click.option("--tls-key", type=_file(), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=_file(), default=None,
               help="Connect to the next node with TLS, verifying it against this CA or "
                    "self-signed certificate (PEM).  [default: plain TCP]")
-@_heartbeat_option
-def serve(**fields) -> None:
+@heartbeat_option
+@click.option("--http-port", type=int, envvar="DEFER_HTTP_PORT", show_envvar=True, default=None,
+              help="Also serve GET /health/live, /health/ready (200 once a bundle is loaded) and "
+                   "/metrics (Prometheus) over HTTP on this port; 0 = any free one (printed in "
+                   "the ready line).  [default: off]")
+def serve(token: str | None, token_file: Path | None, **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
-    Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
+    Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
+    by ` http HOST:PORT` with --http-port).
     SIGINT/SIGTERM drain in-flight requests and exit 0.
     """
     from defer.runtime.node import READY_PREFIX, run_node
 
-    def ready(bound_host: str, bound_port: int) -> None:
-        click.echo(f"{READY_PREFIX}{bound_host}:{bound_port}")
+    def ready(address: str, http: str | None) -> None:
+        click.echo(f"{READY_PREFIX}{address}" + (f" http {http}" if http else ""))
         sys.stdout.flush()
 
-    run_node(NodeConfig(**fields), ready)
+    run_node(NodeConfig(token=resolve_token(token, token_file), **fields), ready)
 
 
 @click.command("dispatch")
@@ -100,14 +92,14 @@ def serve(**fields) -> None:
 @click.option("--spares", default="", metavar="H:P,H:P,...",
               help="Idle nodes that take over a lost stage (bundle pushed, chain rewired, "
                    "in-flight requests replayed).  [default: none]")
-@_token_option
+@token_options
 @click.option("--tls-ca", type=_file(), default=None,
               help="Connect to nodes with TLS, verifying them against this CA or self-signed "
                    "certificate (PEM).  [default: plain TCP]")
-@_heartbeat_option
+@heartbeat_option
 def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
              output_path: Path | None, report_path: Path | None, seed: int, spares: str,
-             **fields) -> None:
+             token: str | None, token_file: Path | None, **fields) -> None:
     """Stream inputs through a chain of running `defer serve` nodes and report."""
     from defer.address import parse_address_list
     from defer.errors import UsageError
@@ -127,7 +119,8 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
         count = count or 100
         samples = random_stream(manifest.inputs, count, seed)
     first = next(samples)  # a wrong input fails before any connection
-    options = DispatchOptions(spares=tuple(parse_address_list(spares)), **fields)
+    options = DispatchOptions(spares=tuple(parse_address_list(spares)),
+                              token=resolve_token(token, token_file), **fields)
     writer = OutputWriter(output_path, count) if output_path is not None else None
     with Dispatcher(manifest, parse_address_list(nodes), options) as dispatcher:
         for outputs in dispatcher.map(itertools.chain([first], samples)):

@@ -19,7 +19,14 @@ import ssl
 from collections.abc import Iterator
 from typing import Protocol
 
-from defer.errors import DeferError, DeferTimeoutError, ManifestError, NodeError, ProtocolError
+from defer.errors import (
+    AuthError,
+    DeferError,
+    DeferTimeoutError,
+    ManifestError,
+    NodeError,
+    ProtocolError,
+)
 from defer.manifest import Manifest, sha256_bytes
 from defer.runtime.channel import Channel
 from defer.runtime.loop_thread import LoopThread
@@ -103,8 +110,14 @@ class Chain:
         chan = await Channel.connect(address, handshake, self.tls)
         link = Link(index, address, chan)
         try:
-            hello = await self._guard(address, chan.handshake(
-                "dispatcher", self.token, handshake, self.heartbeat, node_id="dispatcher"))
+            try:
+                hello = await self._guard(address, chan.handshake(
+                    "dispatcher", self.token, handshake, self.heartbeat, node_id="dispatcher"))
+            except NodeError as err:
+                if isinstance(err, DeferTimeoutError | AuthError):
+                    raise
+                raise NodeError(f"node {address} is not reachable ({err}); is `defer serve` "
+                                "running there?", node=address) from None
             self.loop.spawn(self._read(link))
             self.loop.spawn(chan.keepalive(self.heartbeat))
             stage = self.manifest.stages[index]

@@ -44,6 +44,7 @@ class Supervisor:
         self.baseline: list[dict[str, Any]] = []  # node counters at the start of a window
         self._lost: dict[int, NodeError] = {}  # stages waiting for a new node
         self._dead: dict[int, NodeError] = {}  # stages without a node, while FAILED
+        self._causes: dict[int, NodeError] = {}  # why each dead stage was first lost
         self._lost_at = 0.0
 
     @property
@@ -69,7 +70,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self.chain.links[0].channel.write(request.msg)
         elif action is Action.RETRY_DEAD:
-            self._lost, self._dead = dict(self._dead), {}
+            self._lost, self._dead = {s: self._causes.get(s, e) for s, e in self._dead.items()}, {}
             self._lost_at = time.perf_counter()
             self.chain.loop.spawn(self._recover(retry_dead=True))
         # HOLD: the request waits in the table and goes with the replay
@@ -112,7 +113,7 @@ class Supervisor:
             return
         log.error("%s", error)
         if action is Action.MARK_DEAD:
-            self._dead[stage] = error
+            self._dead[stage] = self._causes[stage] = error
             return
         self._lost[stage] = error
         if action is Action.RECOVER:
@@ -133,6 +134,7 @@ class Supervisor:
             except Exception as err:  # noqa: BLE001 - a recovery must end in RUNNING or FAILED
                 if not isinstance(err, DeferError):
                     log.exception("recovering stage %d", stage)
+                self._causes = {**self._lost, stage: error}
                 self._dead = {**self._lost, stage: NodeError(
                     f"node {lost} is lost ({error}) and {err}; every pending request failed. "
                     "Bring it back at the same address (or add spares) to go on", node=lost)}
