@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from defer.compiler.intervals import range_min_after, stab_max
 from defer.compiler.memory import StageMemory
 from defer.errors import PlanError
 
@@ -210,7 +211,7 @@ def _forward(problem: Problem, reach: np.ndarray | None, limit: float,
     sets = [reached]
     for s in range(problem.n_stages):
         thr = np.where(reached, _thresholds(problem, s, limit), -np.inf)
-        best = _stab_max(thr, reach)  # best[b] = max thr[a] over starts a < b <= reach[a]
+        best = stab_max(thr, reach)  # best[b] = max thr[a] over starts a < b <= reach[a]
         reached = _ends(problem, s) <= best
         reached[0] = False
         if keep:
@@ -228,7 +229,7 @@ def _backward(problem: Problem, reach: np.ndarray | None, limit: float) -> list[
     sets = [can]
     for s in reversed(range(problem.n_stages)):
         ends = np.where(can, _ends(problem, s), np.inf)
-        best = _range_min_after(ends, reach)  # min ends[b] over a < b <= reach[a]
+        best = range_min_after(ends, reach)  # min ends[b] over a < b <= reach[a]
         can = _thresholds(problem, s, limit) >= best
         sets.append(can)
     return sets[::-1]
@@ -331,58 +332,6 @@ def _blocks(problem: Problem, stage: int, starts: np.ndarray, ends: np.ndarray, 
         if hi > lo:
             yield starts[lo:hi], ends[i:j]
         i = j
-
-
-# --- interval queries, vectorised -----------------------------------------------------------
-
-
-def _stab_max(values: np.ndarray, reach: np.ndarray | None) -> np.ndarray:
-    """out[b] = max values[a] over a < b <= reach[a] (reach None: over every a < b)."""
-    size = len(values)
-    out = np.full(size, -np.inf)
-    if reach is None:
-        out[1:] = np.maximum.accumulate(values[:-1])
-        return out
-    lo, hi = np.arange(size) + 1, np.minimum(reach, size - 1)
-    live = (hi >= lo) & (values > -np.inf)
-    lo, hi, vals = lo[live], hi[live], values[live]
-    if len(lo) == 0:
-        return out
-    levels = int(size).bit_length()
-    table = np.full((levels, size), -np.inf)
-    k = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
-    np.maximum.at(table, (k, lo), vals)
-    np.maximum.at(table, (k, hi - (1 << k) + 1), vals)
-    for level in range(levels - 1, 0, -1):
-        half = 1 << (level - 1)
-        below = table[level - 1]
-        np.maximum(below, table[level], out=below)
-        np.maximum(below[half:], table[level, : size - half], out=below[half:])
-    return table[0]
-
-
-def _range_min_after(values: np.ndarray, reach: np.ndarray | None) -> np.ndarray:
-    """out[a] = min values[b] over a < b <= reach[a] (reach None: over every b > a)."""
-    size = len(values)
-    out = np.full(size, np.inf)
-    if reach is None:
-        out[:-1] = np.minimum.accumulate(values[::-1])[::-1][1:]
-        return out
-    lo, hi = np.arange(size) + 1, np.minimum(reach, size - 1)
-    live = hi >= lo
-    table = [values]
-    while (1 << len(table)) <= size:
-        prev, half = table[-1], 1 << (len(table) - 1)
-        table.append(np.minimum(prev[: len(prev) - half], prev[half:]))
-    lo, hi = lo[live], hi[live]
-    k = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
-    result = np.empty(len(lo))
-    for level in np.unique(k):
-        sel = k == level
-        row = table[level]
-        result[sel] = np.minimum(row[lo[sel]], row[hi[sel] - (1 << level) + 1])
-    out[np.flatnonzero(live)] = result
-    return out
 
 
 def _ideal(problem: Problem) -> float:
