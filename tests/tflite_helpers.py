@@ -76,3 +76,23 @@ def run_whole(graph, feeds: Sample) -> dict[str, np.ndarray]:
 
     engine = LiteRTEngine(graph.data)
     return dict(zip(graph.output_names, engine.run(graph.output_names, feeds)))
+
+
+def write_bundles(graph, bounds: Sequence[int], out_dir: Path, codec: str = "raw"):
+    """TFLite stage bundles of `graph` cut at `bounds` and their manifest, saved in `out_dir`."""
+    from defer.compiler.tflite.slicer import stage_bundle
+    from defer.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = []
+    for index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        bundle, spec = stage_bundle(graph, a, b, index)
+        (out_dir / spec.file).write_bytes(bundle)
+        stages.append(spec)
+    model = {"name": "test", "source": "model.tflite", "sha256": sha256_bytes(graph.data),
+             "n_ops": graph.n_ops,
+             "inputs": [graph.tensors[t].to_dict() for t in graph.input_indices],
+             "outputs": [graph.tensors[t].to_dict() for t in graph.output_indices]}
+    Manifest(model=model, plan={"strategy": "cuts", "bounds": list(bounds)}, stages=stages,
+             codec=codec, created_by="tests").save(out_dir / MANIFEST_NAME)
+    return load_manifest(out_dir)

@@ -120,26 +120,27 @@ def quantize_onnx(model: onnx.ModelProto, mode: str,
         return convert_float_to_float16(_copy(model), keep_io_types=True)
     if not samples:
         raise UsageError("int8 quantization needs calibration samples")
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    class _Reader(CalibrationDataReader):
-        def __init__(self, samples: Sequence[Sample]):
-            self._samples: Iterator[Sample] = iter(samples)
-
-        def get_next(self) -> Sample | None:
-            return next(self._samples, None)
-
+    # Through files: quantize_static loses the external data of a large in-memory model.
     with tempfile.TemporaryDirectory(prefix="defer-quantize-") as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_static(_copy(model), out, _Reader(samples), quant_format=QuantFormat.QDQ,
+        source, prepared, out = (str(Path(tmp) / f) for f in ("float.onnx", "pre.onnx", "q.onnx"))
+        onnx.save(model, source)
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, out, _Reader(samples), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8)
-        return onnx.load(str(out))
+        return onnx.load(out)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of samples."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self._samples: Iterator[Sample] = iter(samples)
+
+    def get_next(self) -> Sample | None:
+        return next(self._samples, None)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
