@@ -145,3 +145,41 @@ def test_slice_bounds_are_checked():
     for a, b in ((0, 0), (3, 2), (0, graph.n_ops + 1), (-1, 2)):
         with pytest.raises(PlanError):
             graph.slice(a, b)
+
+
+def test_operator_table_describes_every_operator_by_name():
+    graph = _graph("tiny_cnn", "fp16")
+    table = graph.operator_table()
+    assert len(table) == len(graph.subgraph.operators)
+    names = [name for name, *_ in table]
+    assert len(set(names)) == len(names)
+    written = {t for *_, outputs, _ in table for t in outputs}
+    known = set(graph.specs) | set(graph.constant_bytes) | written
+    assert all(t in known for _, _, inputs, _, _ in table for t in inputs)
+    regular = {op.index for op in graph.ops}
+    assert [row[0] for row in table if row[4] in regular] == [op.name for op in graph.ops]
+    assert {row[1] for row in table if row[4] not in regular} == {"DEQUANTIZE"}
+    assert sum(graph.constant_bytes.values()) == graph.weight_bytes(0, graph.n_ops)
+
+
+def test_any_execution_order_of_operator_groups_slices_and_times():
+    from defer.compiler.tflite.costs import time_groups
+    from defer.compiler.tflite.slicer import slice_operators
+    from defer.engines.litert import LiteRTEngine
+
+    graph = _graph("multi_io", "fp32")
+    vector = graph.index_of["vector"]
+    branch = next(k for k, op in enumerate(graph.ops)
+                  if vector in graph.subgraph.operators[op.index].inputs)
+    assert branch > 0
+    order = [branch, *(k for k in range(graph.n_ops) if k != branch)]  # vector branch first
+    groups = [graph.operator_indices(k, k + 1) for k in order]
+    costs = time_groups(graph, groups, runs=2, warmup=1)
+    assert costs.shape == (graph.n_ops,) and np.all(costs > 0)
+    out = graph.names[graph.op_outputs(branch)[0]]
+    engine = LiteRTEngine(slice_operators(graph, groups[0], ["vector"], [out]))
+    assert [s.name for s in engine.inputs] == ["vector"] and engine.outputs[0].name == out
+    feeds = sample_feeds(graph)[0]
+    alone = engine.run([out], {"vector": feeds["vector"]})[0]
+    in_chain = LiteRTEngine(graph.slice(0, branch + 1, outputs=[graph.index_of[out]]))
+    np.testing.assert_array_equal(alone, in_chain.run([out], feeds)[0])

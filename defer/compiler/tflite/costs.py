@@ -1,9 +1,10 @@
 """Per-op cost of a `.tflite` model, in seconds on this machine.
 
 LiteRT has no per-op profiler reachable from Python, so `time_ops` times each op as a one-op
-model (`TFLiteGraph.slice(k, k + 1)`, its attached constant ops included) under the engine the
-nodes run (`defer.engines.litert`, XNNPACK, one thread), on real inputs: the one-op models run in
-order, each fed what the previous ones produced from seeded (or given) model inputs. Warm-up
+model (the op with its attached constant ops) under the engine the nodes run
+(`defer.engines.litert`, XNNPACK, one thread), on real inputs: the one-op models run in order,
+each fed what the previous ones produced from seeded (or given) model inputs. `time_groups`
+does the same for any execution order of operator groups (another op order's ops). Warm-up
 runs, then the median of several runs. `estimate_costs` is the fallback without timing: FLOPs
 and bytes touched at the nominal rates the ONNX estimate uses.
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from defer.compiler.profile import NOMINAL_BYTES_PER_S, NOMINAL_FLOPS
+from defer.compiler.tflite.graph import reads
+from defer.compiler.tflite.slicer import slice_operators
 from defer.engines.litert import LiteRTEngine
 from defer.tensors import random_inputs
 
@@ -30,28 +34,48 @@ log = logging.getLogger(__name__)
 def time_ops(graph: TFLiteGraph, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
              warmup: int = 3, threads: int = 1) -> np.ndarray:
     """Median seconds of each op run alone as a one-op model, on real activations."""
+    groups = [graph.operator_indices(k, k + 1) for k in range(graph.n_ops)]
+    return time_groups(graph, groups, feeds, runs, warmup, threads)
+
+
+def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
+                feeds: dict[str, np.ndarray] | None = None, runs: int = 10, warmup: int = 3,
+                threads: int = 1) -> np.ndarray:
+    """Median seconds of each group of operators (flatbuffer indices: an op and its constant
+    ops) run alone as one model; the groups run in the order given, which must be an
+    execution order, each fed what the groups before it produced."""
     if feeds is None:
         specs = [graph.tensors[t] for t in graph.input_indices]
         feeds = random_inputs(specs, 1, seed=0, batch=graph.batch)[0]
-    values = dict(feeds)
-    costs = np.zeros(graph.n_ops)
+    values = {graph.index_of[name]: array for name, array in feeds.items()}
+    costs = np.zeros(len(groups))
     start = time.perf_counter()
-    for k in range(graph.n_ops):
-        engine = LiteRTEngine(graph.slice(k, k + 1, outputs=graph.op_outputs(k)), threads)
-        feed = {spec.name: values[spec.name] for spec in engine.inputs}
-        names = [spec.name for spec in engine.outputs]
-        for _ in range(warmup):
-            produced = engine.run(names, feed)
-        times = []
-        for _ in range(runs):
-            tick = time.perf_counter()
-            produced = engine.run(names, feed)
-            times.append(time.perf_counter() - tick)
-        costs[k] = statistics.median(times)
-        values.update(zip(names, produced))
+    for k, group in enumerate(groups):
+        operators = [graph.subgraph.operators[i] for i in group]
+        produced = [t for op in operators for t in op.outputs if t in graph.tensors]
+        inputs = sorted({t for op in operators for t in reads(op)
+                         if t in graph.tensors and t not in produced})
+        engine = LiteRTEngine(slice_operators(graph, group, inputs, produced), threads)
+        feed = {graph.names[t]: values[t] for t in inputs}
+        names = [graph.names[t] for t in produced]
+        costs[k] = median_seconds(engine, names, feed, runs, warmup)
+        values.update(zip(produced, engine.run(names, feed)))
     log.info("timed %d ops as one-op models (%d runs each) in %.1f s: %.2f ms in all",
-             graph.n_ops, runs, time.perf_counter() - start, 1e3 * costs.sum())
+             len(groups), runs, time.perf_counter() - start, 1e3 * costs.sum())
     return costs
+
+
+def median_seconds(engine, names: list[str], feed: dict[str, np.ndarray], runs: int = 20,
+                   warmup: int = 3) -> float:
+    """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs."""
+    for _ in range(warmup):
+        engine.run(names, feed)
+    times = []
+    for _ in range(runs):
+        tick = time.perf_counter()
+        engine.run(names, feed)
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
 
 
 def estimate_costs(graph: TFLiteGraph) -> np.ndarray:

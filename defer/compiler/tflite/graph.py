@@ -118,6 +118,31 @@ class TFLiteGraph:
         operator = self.subgraph.operators[self.ops[position].index]
         return [t for t in operator.outputs if t >= 0]
 
+    def operator_table(self) -> list[tuple[str, str, list[str], list[str], int]]:
+        """Every operator, constant ops included, in file order, as (unique name, op type,
+        names of the tensors it reads, names of those it writes, operator index): the plain
+        values a format-neutral graph builder takes. Constants appear by name as inputs."""
+        table = []
+        for i, operator in enumerate(self.subgraph.operators):
+            outputs = [t for t in operator.outputs if t >= 0]
+            table.append((self.names[outputs[0]], op_type(self.model, operator),
+                          [self.names[t] for t in reads(operator)],
+                          [self.names[t] for t in outputs], i))
+        return table
+
+    @cached_property
+    def constant_bytes(self) -> dict[str, int]:
+        """Bytes of every constant tensor with data, by unique name (shared buffers repeat)."""
+        subgraph, found = self.subgraph, {}
+        for i, tensor in enumerate(subgraph.tensors):
+            if i not in self.tensors and self.buffer_bytes.get(tensor.buffer, 0) > 0:
+                found[self.names[i]] = self.buffer_bytes[tensor.buffer]
+        return found
+
+    def operator_indices(self, a: int, b: int) -> list[int]:
+        """Flatbuffer operator indices of ops [a, b) and their constant ops, in file order."""
+        return sorted({i for op in self.ops[a:b] for i in (*op.attached, op.index)})
+
     def weight_bytes(self, a: int, b: int) -> int:
         """Bytes of the constant buffers ops [a, b) read (each counted once)."""
         buffers = set().union(*self.op_weights[a:b]) if b > a else set()

@@ -15,7 +15,7 @@ manifest's StageSpec of that stage (format "tflite", compute left for the caller
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ai_edge_litert import schema_py_generated as schema
@@ -36,18 +36,31 @@ def slice_model(graph: TFLiteGraph, a: int, b: int,
     """The `.tflite` bytes of ops [a, b); `outputs` (tensor indices) overrides its outputs."""
     if not 0 <= a < b <= graph.n_ops:
         raise PlanError(f"cannot slice ops [{a}, {b}) of a model with {graph.n_ops} ops")
-    operators, produced, consumed = _members(graph, a, b)
+    indices = graph.operator_indices(a, b)
+    produced, consumed = _produced_consumed(graph, indices)
     inputs = [t for t in graph.crossing_tensors(a) if t in consumed]
     if outputs is None:
         outputs = [t for t in graph.crossing_tensors(b) if t in produced]
-    used = sorted(set(inputs) | set(outputs) | consumed | produced)
+    return slice_operators(graph, indices, inputs, outputs,
+                           f"defer: ops {a}..{b - 1} of {graph.n_ops}")
+
+
+def slice_operators(graph: TFLiteGraph, indices: Iterable[int], inputs: Sequence[int | str],
+                    outputs: Sequence[int | str], description: str = "defer stage") -> bytes:
+    """The `.tflite` bytes of any set of operators (flatbuffer indices; run in file order),
+    taking `inputs` and giving `outputs` (tensor indices or unique names, signature order)."""
+    operators = [graph.subgraph.operators[i] for i in sorted(set(indices))]
+    inputs, outputs = ([graph.index_of[t] if isinstance(t, str) else t for t in tensors]
+                       for tensors in (inputs, outputs))
+    used = sorted(set(inputs) | set(outputs) | {t for op in operators
+                                                for t in (*reads(op), *op.outputs) if t >= 0})
     tensor_map = {old: new for new, old in enumerate(used)}
     buffer_map = _buffer_map(graph, used)
     opcode_map = {old: new for new, old in enumerate(sorted({op.opcodeIndex for op in operators}))}
 
     sliced = schema.ModelT()
     sliced.version = graph.model.version or 3
-    sliced.description = f"defer: ops {a}..{b - 1} of {graph.n_ops}"
+    sliced.description = description
     sliced.operatorCodes = [graph.model.operatorCodes[old] for old in opcode_map]
     sliced.buffers = [schema.BufferT()] + [graph.model.buffers[old] for old in buffer_map
                                            if old != 0]
@@ -61,7 +74,7 @@ def slice_model(graph: TFLiteGraph, a: int, b: int,
 def stage_bundle(graph: TFLiteGraph, a: int, b: int, index: int) -> tuple[bytes, StageSpec]:
     """The bundle of ops [a, b) and its spec (its sha256 filled in, `compute` 0)."""
     bundle = slice_model(graph, a, b)
-    _, produced, consumed = _members(graph, a, b)
+    produced, consumed = _produced_consumed(graph, graph.operator_indices(a, b))
     receives, sends = graph.crossing_tensors(a), graph.crossing_tensors(b)
     spec = StageSpec(
         index=index, file=f"bundle_{index}.tflite", sha256=sha256_bytes(bundle),
@@ -75,14 +88,12 @@ def stage_bundle(graph: TFLiteGraph, a: int, b: int, index: int) -> tuple[bytes,
     return bundle, spec
 
 
-def _members(graph: TFLiteGraph, a: int,
-             b: int) -> tuple[list[schema.OperatorT], set[int], set[int]]:
-    """The operators of ops [a, b) with their constant ops, in order; what they make and read."""
-    indices = sorted({i for op in graph.ops[a:b] for i in (*op.attached, op.index)})
+def _produced_consumed(graph: TFLiteGraph, indices: list[int]) -> tuple[set[int], set[int]]:
+    """The tensors some of these operators write, and those some of them read."""
     operators = [graph.subgraph.operators[i] for i in indices]
     produced = {t for op in operators for t in op.outputs if t >= 0}
     consumed = {t for op in operators for t in reads(op)}
-    return operators, produced, consumed
+    return produced, consumed
 
 
 def _buffer_map(graph: TFLiteGraph, used: list[int]) -> dict[int, int]:
