@@ -1,6 +1,8 @@
-# Quantized models in both formats, against the float model as the oracle: the trained digits
-# CNN quantized to int8 (calibrated on real digits) and to fp16 keeps >= 98% top-1 agreement
-# with float under TFLite and ONNX, and is smaller. Calibration files are read strictly.
+"""Quantized models in both formats, against the float model as the oracle: the trained digits
+CNN quantized to int8 (calibrated on real digits) and to fp16 keeps >= 98% top-1 agreement
+with float under TFLite and ONNX, and is smaller. Calibration files are read strictly.
+"""
+
 from __future__ import annotations
 
 import logging
@@ -11,7 +13,7 @@ import pytest
 from defer.compiler.quantize import calibration_samples, check_mode
 from defer.errors import InputError, UsageError
 from defer.tensors import TensorSpec
-from tests.tflite_helpers import digits, need_tensorflow
+from tests.tflite_helpers import need_tensorflow
 
 IMAGE = TensorSpec("input", "float32", (None, 8, 8, 1))
 
@@ -80,19 +82,13 @@ def _top1(engine, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(digits, tmp_path_factory):
+    """(digits .h5, x_test, calibration samples read from a .npy of 100 real test digits)."""
     need_tensorflow()
-    path, x_test, y_test = digits()
-    return path, x_test, calibration_samples([IMAGE], _saved(x_test[:100]))
-
-
-def _saved(array: np.ndarray):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp(prefix="defer-test-calibration-")) / "digits.npy"
-    np.save(path, array)
-    return path
+    path, x_test, _ = digits
+    calibration = tmp_path_factory.mktemp("calibration") / "digits.npy"
+    np.save(calibration, x_test[:100])
+    return path, x_test, calibration_samples([IMAGE], calibration)
 
 
 @pytest.mark.keras

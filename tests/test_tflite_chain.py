@@ -1,6 +1,8 @@
-# TFLite stage bundles served by real `defer serve` processes (LiteRT inside, TCP between them)
-# give exactly what the whole .tflite gives under LiteRT in this process: several tensors per
-# hop (DenseNet), two inputs and two outputs, int8 hops (raw, and zfp falling back to lz4).
+"""TFLite stage bundles served by real `defer serve` processes (LiteRT inside, TCP between them)
+give exactly what the whole .tflite gives under LiteRT in this process: several tensors per
+hop (DenseNet), two inputs and two outputs, int8 hops (raw, and zfp falling back to lz4).
+"""
+
 from __future__ import annotations
 
 import numpy as np

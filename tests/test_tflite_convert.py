@@ -1,6 +1,8 @@
-# Conversions that need TensorFlow: Keras file/object and SavedModel -> .tflite (the Keras
-# output names kept), and .tflite -> ONNX with the .tflite's signature names, matching LiteRT.
-# Without TensorFlow each says which extra to install.
+"""Conversions that need TensorFlow: Keras file/object and SavedModel -> .tflite (the Keras
+output names kept), and .tflite -> ONNX with the .tflite's signature names, matching LiteRT.
+Without TensorFlow each says which extra to install.
+"""
+
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,8 @@
-# The LiteRT engine behind defer.engines' interface: signature names and specs (with the
-# quantization of int8 tensors), outputs in the order asked, dynamic batch, clear errors, and an
-# import that brings in neither TensorFlow nor onnxruntime.
+"""The LiteRT engine behind defer.engines' interface: signature names and specs (with the
+quantization of int8 tensors), outputs in the order asked, dynamic batch, clear errors, and an
+import that brings in neither TensorFlow nor onnxruntime.
+"""
+
 from __future__ import annotations
 
 import subprocess

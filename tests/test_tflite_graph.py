@@ -1,7 +1,9 @@
-# Reading and cutting .tflite models, checked against the oracle (the whole .tflite under
-# LiteRT): every single cut of the small examples chains back to exactly the whole model (0.0
-# difference) in fp32, fp16 and int8; constant ops never become cut points; what defer cannot
-# cut is refused with one clear line.
+"""Reading and cutting .tflite models, checked against the oracle (the whole .tflite under
+LiteRT): every single cut of the small examples chains back to exactly the whole model (0.0
+difference) in fp32, fp16 and int8; constant ops never become cut points; what defer cannot
+cut is refused with one clear line.
+"""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,8 @@
-# What defer cannot cut is refused with one clear line (a UsageError, exit code 2): a model with
-# several subgraphs (control flow), a Flex (TensorFlow) op, a custom op, resource variables, a
-# corrupt flatbuffer, a file that is not TFLite at all.
+"""What defer cannot cut is refused with one clear line (a UsageError, exit code 2): a model with
+several subgraphs (control flow), a Flex (TensorFlow) op, a custom op, resource variables, a
+corrupt flatbuffer, a file that is not TFLite at all.
+"""
+
 from __future__ import annotations
 
 import random

@@ -1,9 +1,11 @@
-# A node with only the runtime and the [tflite] extra (no TensorFlow) serves a TFLite bundle in
-# a chain. Opt-in (it needs a prepared venv, about a minute to build): make one with
-#   python -m venv /tmp/lean && /tmp/lean/bin/pip install -e '.[tflite]'
-# and run with DEFER_TFLITE_VENV=/tmp/lean. Checked: `import tensorflow` fails in the venv; the
-# node process maps LiteRT and neither TensorFlow nor onnxruntime; the chain (stage 0 in the
-# lean venv, stage 1 in this environment) equals the whole .tflite under LiteRT.
+"""A node with only the runtime and the [tflite] extra (no TensorFlow) serves a TFLite bundle in
+a chain. Opt-in (it needs a prepared venv, about a minute to build): make one with
+  python -m venv /tmp/lean && /tmp/lean/bin/pip install -e '.[tflite]'
+and run with DEFER_TFLITE_VENV=/tmp/lean. Checked: `import tensorflow` fails in the venv; the
+node process maps LiteRT and neither TensorFlow nor onnxruntime; the chain (stage 0 in the
+lean venv, stage 1 in this environment) equals the whole .tflite under LiteRT.
+"""
+
 from __future__ import annotations
 
 import os

@@ -1,11 +1,12 @@
-# Shared helpers for the TFLite and quantization tests: the small example models converted to
-# .tflite once per test session (fp32, fp16, int8; functools.cache, so each conversion runs once
-# per process), the trained digits CNN with its test split, and a chain of slices run in this
-# process for the oracle comparison.
+"""Shared helpers for the TFLite and quantization tests: the small example models converted to
+.tflite once per test session (fp32, fp16, int8; functools.cache, so each conversion runs once
+per process), a chain of slices run in this process for the oracle comparison, and stage
+bundles with their manifest for chains of real nodes.
+"""
+
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,15 +44,6 @@ def tflite_bytes(name: str, mode: str = "fp32") -> bytes:
     samples = [{t.name: rng.random((1, *t.shape[1:]), dtype=np.float32) for t in model.inputs}
                for _ in range(16)]
     return to_tflite(model, quantize=mode, samples=samples)
-
-
-@functools.cache
-def digits() -> tuple[Path, np.ndarray, np.ndarray]:
-    """The digits CNN trained once per session: (.h5 path, x_test, y_test)."""
-    from defer.examples import digits_cnn
-
-    folder = Path(tempfile.mkdtemp(prefix="defer-test-digits-"))
-    return digits_cnn(folder / "digits.h5")
 
 
 def sample_feeds(graph, count: int = 1, seed: int = 0) -> list[Sample]:

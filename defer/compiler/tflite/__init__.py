@@ -12,6 +12,7 @@ and import it only when called.
 """
 
 from defer.compiler.tflite.convert import tflite_to_onnx, to_tflite
-from defer.compiler.tflite.graph import TFLiteGraph, TFLiteOp, read_tflite
+from defer.compiler.tflite.graph import TFLiteGraph, TFLiteOp
+from defer.compiler.tflite.read import read_tflite
 
 __all__ = ["TFLiteGraph", "TFLiteOp", "read_tflite", "tflite_to_onnx", "to_tflite"]

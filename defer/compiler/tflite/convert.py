@@ -25,7 +25,7 @@ import onnx
 from ai_edge_litert.tools import flatbuffer_utils
 
 from defer.compiler.quantize import calibration_samples, check_mode, tflite_quantization
-from defer.compiler.tflite.graph import read_tflite
+from defer.compiler.tflite.read import read_tflite
 from defer.errors import MissingDependencyError, UsageError
 from defer.tensors import Sample, TensorSpec
 

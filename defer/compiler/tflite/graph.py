@@ -1,7 +1,6 @@
-"""Read a `.tflite` flatbuffer and analyse it for cutting: ops in order, crossing sets, sizes.
+"""The analysis of a `.tflite` model for cutting: ops in order, crossing sets, sizes.
 
-Only single-subgraph models made of builtin ops are accepted: several subgraphs (WHILE, IF,
-CALL...), resource variables and Flex/custom ops are refused with a UsageError naming the fix.
+`read_tflite` (defer.compiler.tflite.read) parses and checks a file and calls `analyse`.
 Operators are stored in execution order, so that order is the op order.
 
 Tensors are keyed by their index in subgraph 0 (flatbuffer names are long fused names and need
@@ -22,7 +21,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
@@ -35,9 +33,8 @@ log = logging.getLogger(__name__)
 
 GRAPH_INPUT = -1
 SIGNATURE = "serving_default"
-_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-_RESOURCE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
 # TFLite tensor type -> numpy dtype name, for the types a crossing tensor may have.
 _DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "FLOAT64": "float64", "INT8": "int8",
            "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT32": "int32",
@@ -182,72 +179,17 @@ class TFLiteGraph:
                 f"outputs {self.output_names})")
 
 
-def read_tflite(source: str | Path | bytes | bytearray, batch: int = 1) -> TFLiteGraph:
-    """Parse, check and analyse a `.tflite` file (or its bytes)."""
-    where = str(source) if isinstance(source, str | Path) else "the model"
-    data = _read_bytes(source)
-    model = _parse(data, where)
-    _check_supported(model, where)
-    return _analyse(model, data, batch)
-
-
-def _read_bytes(source: str | Path | bytes | bytearray) -> bytes:
-    if not isinstance(source, str | Path):
-        return bytes(source)
-    path = Path(source)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file; check the model path")
-    return path.read_bytes()
-
-
-def _parse(data: bytes, where: str) -> schema.ModelT:
-    """The object tree of a flatbuffer LiteRT accepts, or a UsageError saying it is not one."""
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise UsageError(f"{where}: not a TFLite model (no TFL3 identifier); "
-                         "pass a .tflite file written by the TFLite converter")
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        Interpreter(model_content=data)  # runs the flatbuffer verifier; nothing is allocated
-        return flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-    except Exception as err:  # noqa: BLE001 - a corrupt buffer raises anything from anywhere
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise UsageError(f"{where}: a corrupt or unreadable TFLite flatbuffer ({reason}); "
-                         "convert the model again") from None
-
-
 def op_type(model: schema.ModelT, operator: schema.OperatorT) -> str:
     """The builtin name of an operator (CUSTOM ops: their custom code)."""
     code = model.operatorCodes[operator.opcodeIndex]
     builtin = flatbuffer_utils.get_builtin_code_from_operator_code(code)
     if builtin == schema.BuiltinOperator.CUSTOM:
         return _text(code.customCode) or "CUSTOM"
-    return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
+    return OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
 
 
-def _check_supported(model: schema.ModelT, where: str) -> None:
-    count = len(model.subgraphs or [])
-    if count != 1:
-        raise UsageError(f"{where}: has {count} subgraphs (control flow such as WHILE, IF or "
-                         "CALL); defer cuts single-subgraph models only: convert a model "
-                         "without control flow")
-    types = [op_type(model, op) for op in model.subgraphs[0].operators or []]
-    builtins = set(_OP_NAMES.values())
-    resource = sorted(set(types) & _RESOURCE_OPS)
-    if resource:
-        raise UsageError(f"{where}: uses resource variables ({', '.join(resource)}); defer "
-                         "cuts stateless models only: convert without variables")
-    flex = sorted({t for t in types if t.startswith("Flex")})
-    if flex:
-        raise UsageError(f"{where}: uses TensorFlow (Flex) ops {', '.join(flex)}, which LiteRT "
-                         "alone cannot run; convert with supported_ops=[TFLITE_BUILTINS] only")
-    custom = sorted({t for t in types if t not in builtins})
-    if custom:
-        raise UsageError(f"{where}: uses custom ops {', '.join(custom)}; defer cuts models of "
-                         "builtin ops only")
-
-
-def _analyse(model: schema.ModelT, data: bytes, batch: int) -> TFLiteGraph:
+def analyse(model: schema.ModelT, data: bytes, batch: int = 1) -> TFLiteGraph:
+    """The TFLiteGraph of a parsed, checked model (`read_tflite` is the way in)."""
     subgraph = model.subgraphs[0]
     operators = subgraph.operators or []
     constant = _constant_tensors(model, subgraph)
