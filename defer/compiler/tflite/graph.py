@@ -129,10 +129,13 @@ class TFLiteGraph:
 
     @cached_property
     def constant_bytes(self) -> dict[str, int]:
-        """Bytes of every constant tensor with data, by unique name (shared buffers repeat)."""
-        subgraph, found = self.subgraph, {}
-        for i, tensor in enumerate(subgraph.tensors):
-            if i not in self.tensors and self.buffer_bytes.get(tensor.buffer, 0) > 0:
+        """Bytes of every constant tensor by unique name: those with buffer data (a shared
+        buffer counts for each tensor) and variable tensors (state its op owns)."""
+        found = {}
+        for i, tensor in enumerate(self.subgraph.tensors):
+            if tensor.isVariable:
+                found[self.names[i]] = _spec(self.names[i], tensor).nbytes(self.batch)
+            elif i not in self.tensors and self.buffer_bytes.get(tensor.buffer, 0) > 0:
                 found[self.names[i]] = self.buffer_bytes[tensor.buffer]
         return found
 
