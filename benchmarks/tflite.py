@@ -5,10 +5,11 @@ uniform [0, 1) samples, which is enough for speed and size, not accuracy):
 - exactness: the largest difference between the chain of two slices and the whole .tflite,
   over every single cut (0.0 expected);
 - speed of reading the model and of slicing it into 4 stages;
-- cost accuracy: per-op costs from one-op timing (`time_ops`) and from the FLOP estimate
-  (scaled to the whole model's measured time), summed per stage of a 2- and a 4-stage cut
-  balanced on the timed costs, against each stage measured alone on real activations; the
-  timing and the stage measurement alternate `rounds` times and their medians are compared;
+- cost accuracy: a stage's predicted time from one-op timing (`time_ops`: the ops' invoke
+  seconds plus the I/O rate times the bytes crossing its two cuts) and from the FLOP estimate
+  (scaled to the whole model's measured time), for a 2- and a 4-stage cut balanced on the
+  timed costs, against each stage measured alone on real activations; the timing and the
+  stage measurement alternate `rounds` times and their medians are compared;
 - size and one-core time of the whole model in TFLite and ONNX (fp32, fp16, int8).
 One LiteRT/onnxruntime thread, this process pinned to one core. Run it under
 `flock /tmp/defer-heavy.lock` on a shared machine; it prints a table and writes JSON.
@@ -60,24 +61,30 @@ def cost_accuracy(graph, feeds, rounds: int) -> dict:
     from defer.engines.litert import LiteRTEngine
 
     whole = LiteRTEngine(graph.data)
-    timed_rounds, measured_rounds, whole_rounds = [], {}, []
+    timed_rounds, io_rounds, measured_rounds, whole_rounds = [], [], {}, []
     bounds = None
     for _ in range(rounds):
-        timed_rounds.append(graph.time_ops(feeds))
+        times = graph.time_ops(feeds)
+        timed_rounds.append(times.seconds)
+        io_rounds.append(times.io_seconds_per_byte)
         whole_rounds.append(median_seconds(whole, graph.output_names, feeds))
         if bounds is None:
-            bounds = {n: _balanced(timed_rounds[0], n) for n in (2, 4)}
+            bounds = {n: _balanced(times.seconds, n) for n in (2, 4)}
         for n, cut in bounds.items():
             measured_rounds.setdefault(n, []).append(_stage_seconds(graph, cut, feeds))
     timed = np.median(timed_rounds, axis=0)
+    io_rate = statistics.median(io_rounds)
     estimate = graph.estimate_costs()
     whole_seconds = statistics.median(whole_rounds)
     estimate = estimate / estimate.sum() * whole_seconds
-    result = {"whole_ms": 1e3 * whole_seconds, "sum_of_ops_ms": 1e3 * timed.sum()}
+    result = {"whole_ms": 1e3 * whole_seconds, "sum_of_ops_ms": 1e3 * timed.sum(),
+              "io_ns_per_byte": 1e9 * io_rate}
     for n, cut in bounds.items():
         measured = np.median(measured_rounds[n], axis=0)
         pairs = list(zip(cut[:-1], cut[1:]))
-        predicted = np.array([timed[a:b].sum() for a, b in pairs])
+        predicted = np.array([timed[a:b].sum() + io_rate * (graph.crossing_bytes(a) +
+                                                            graph.crossing_bytes(b))
+                              for a, b in pairs])
         estimated = np.array([estimate[a:b].sum() for a, b in pairs])
         result[f"{n}_stages"] = {
             "bounds": cut, "measured_ms": (1e3 * measured).round(3).tolist(),

@@ -131,8 +131,13 @@ def test_position_of_op_and_tensor_names():
 
 def test_time_ops_and_estimate_give_a_cost_per_op():
     graph = _graph("tiny_cnn", "fp32")
-    timed = graph.time_ops(runs=3, warmup=1)
+    times = graph.time_ops(runs=3, warmup=1)
+    timed = times.seconds
     estimated = graph.estimate_costs()
+    assert 0 < times.io_seconds_per_byte < 1e-8  # copies run faster than 100 MB/s
+    cut_bytes = np.array([graph.crossing_bytes(k) for k in range(graph.n_ops + 1)])
+    enter, leave = times.boundary(cut_bytes)
+    assert enter[0] == leave[-1] == 0 and enter[1] == leave[1] > 0
     assert timed.shape == estimated.shape == (graph.n_ops,)
     assert np.all(timed > 0) and np.all(estimated > 0)
     conv = [k for k, op in enumerate(graph.ops) if op.op_type == "CONV_2D"]
@@ -176,7 +181,7 @@ def test_any_execution_order_of_operator_groups_slices_and_times():
     assert branch > 0
     order = [branch, *(k for k in range(graph.n_ops) if k != branch)]  # vector branch first
     groups = [graph.operator_indices(k, k + 1) for k in order]
-    costs = time_groups(graph, groups, runs=2, warmup=1)
+    costs = time_groups(graph, groups, runs=2, warmup=1).seconds
     assert costs.shape == (graph.n_ops,) and np.all(costs > 0)
     out = graph.names[graph.op_outputs(branch)[0]]
     engine = LiteRTEngine(slice_operators(graph, groups[0], ["vector"], [out]))

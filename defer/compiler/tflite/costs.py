@@ -5,8 +5,15 @@ model (the op with its attached constant ops) under the engine the nodes run
 (`defer.engines.litert`, XNNPACK, one thread), on real inputs: the one-op models run in order,
 each fed what the previous ones produced from seeded (or given) model inputs. `time_groups`
 does the same for any execution order of operator groups (another op order's ops). Warm-up
-runs, then the median of several runs. `estimate_costs` is the fallback without timing: FLOPs
-and bytes touched at the nominal rates the ONNX estimate uses.
+runs, then the median of several runs.
+
+An op's cost is its `invoke()` alone. Handing tensors to and from an engine (`set_tensor` /
+`get_tensor` copies) is paid once per stage, for the tensors crossing its cuts, so it is
+measured apart as seconds per byte (`OpTimes.io_seconds_per_byte`, the median over the one-op
+models) and priced at the cuts (`OpTimes.boundary`). Summing whole one-op runs instead counts
+those copies at every op: MobileNetV2's first stages came out 15-30% too slow that way.
+`estimate_costs` is the fallback without timing: FLOPs and bytes touched at the nominal rates
+the ONNX estimate uses.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,24 +40,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class OpTimes:
+    """Seconds of each op's invoke alone, and of handing one byte into or out of an engine."""
+
+    seconds: np.ndarray  # (N,)
+    io_seconds_per_byte: float
+
+    def boundary(self, cut_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(enter, leave): extra seconds of a stage that starts / ends at each cut k, for the
+        bytes crossing it; 0 at the model's own inputs and outputs, as in the ONNX profile."""
+        enter = self.io_seconds_per_byte * np.asarray(cut_bytes, dtype=float)
+        leave = enter.copy()
+        enter[0] = leave[-1] = 0.0
+        return enter, leave
+
+
 def time_ops(graph: TFLiteGraph, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
-             warmup: int = 3, threads: int = 1) -> np.ndarray:
-    """Median seconds of each op run alone as a one-op model, on real activations."""
+             warmup: int = 3, threads: int = 1) -> OpTimes:
+    """Each op run alone as a one-op model, on real activations, in the graph's op order."""
     groups = [graph.operator_indices(k, k + 1) for k in range(graph.n_ops)]
     return time_groups(graph, groups, feeds, runs, warmup, threads)
 
 
 def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
                 feeds: dict[str, np.ndarray] | None = None, runs: int = 10, warmup: int = 3,
-                threads: int = 1) -> np.ndarray:
-    """Median seconds of each group of operators (flatbuffer indices: an op and its constant
-    ops) run alone as one model; the groups run in the order given, which must be an
-    execution order, each fed what the groups before it produced."""
+                threads: int = 1) -> OpTimes:
+    """Each group of operators (flatbuffer indices: an op and its constant ops) run alone as
+    one model; the groups run in the order given, which must be an execution order, each fed
+    what the groups before it produced."""
     if feeds is None:
         specs = [graph.tensors[t] for t in graph.input_indices]
         feeds = random_inputs(specs, 1, seed=0, batch=graph.batch)[0]
     values = {graph.index_of[name]: array for name, array in feeds.items()}
-    costs = np.zeros(len(groups))
+    costs, io_rates = np.zeros(len(groups)), []
     start = time.perf_counter()
     for k, group in enumerate(groups):
         operators = [graph.subgraph.operators[i] for i in group]
@@ -58,22 +83,34 @@ def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
         engine = LiteRTEngine(slice_operators(graph, group, inputs, produced), threads)
         feed = {graph.names[t]: values[t] for t in inputs}
         names = [graph.names[t] for t in produced]
-        costs[k] = median_seconds(engine, names, feed, runs, warmup)
+        whole_run = median_seconds(engine, names, feed, runs, warmup)
+        costs[k] = median_seconds(engine, names, feed, runs, 1, invoke_only=True)
+        handed = sum(values[t].nbytes for t in inputs) + sum(graph.tensor_bytes(t)
+                                                              for t in produced)
+        if handed:
+            io_rates.append(max(0.0, whole_run - costs[k]) / handed)
         values.update(zip(produced, engine.run(names, feed)))
-    log.info("timed %d ops as one-op models (%d runs each) in %.1f s: %.2f ms in all",
-             len(groups), runs, time.perf_counter() - start, 1e3 * costs.sum())
-    return costs
+    times = OpTimes(costs, float(np.median(io_rates)) if io_rates else 0.0)
+    log.info("timed %d ops as one-op models (%d runs each) in %.1f s: %.2f ms of invoke in "
+             "all, %.3f ns per byte handed in or out", len(groups), runs,
+             time.perf_counter() - start, 1e3 * costs.sum(), 1e9 * times.io_seconds_per_byte)
+    return times
 
 
 def median_seconds(engine, names: list[str], feed: dict[str, np.ndarray], runs: int = 20,
-                   warmup: int = 3) -> float:
-    """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs."""
+                   warmup: int = 3, invoke_only: bool = False) -> float:
+    """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs;
+    `invoke_only` (a LiteRTEngine): of the interpreter's invoke, inputs set beforehand."""
+    call = partial(engine.run, names, feed)
+    if invoke_only:
+        call()  # sets the inputs
+        call = engine.interpreter.invoke
     for _ in range(warmup):
-        engine.run(names, feed)
+        call()
     times = []
     for _ in range(runs):
         tick = time.perf_counter()
-        engine.run(names, feed)
+        call()
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 

@@ -165,8 +165,9 @@ class TFLiteGraph:
         return slice_model(self, a, b, outputs)
 
     def time_ops(self, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
-                 warmup: int = 3, threads: int = 1) -> np.ndarray:
-        """Seconds of each op under LiteRT; see `defer.compiler.tflite.costs.time_ops`."""
+                 warmup: int = 3, threads: int = 1):
+        """An OpTimes: each op's seconds under LiteRT and the I/O rate at cuts; see
+        `defer.compiler.tflite.costs.time_ops`."""
         from defer.compiler.tflite.costs import time_ops
 
         return time_ops(self, feeds, runs, warmup, threads)
