@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": "defer.cli.runtime_cmd:serve",
     "dispatch": "defer.cli.runtime_cmd:dispatch",
     "run": "defer.cli.runtime_cmd:run",
+    "gateway": "defer.cli.gateway_cmd:gateway",
 }
 
 
