@@ -5,7 +5,7 @@ into a Dispatcher (submit, wait, state) happens on the gateway's event loop thre
 Dispatcher is used from one thread, as it asks.
 
 Routing. A request goes to the *ready* chain (state "running") with the fewest requests in
-flight, ties to the lower index. A chain takes at most `window` requests at once (its
+flight; ties go round the chains in turn. A chain takes at most `window` requests at once (its
 Dispatcher's window); when every ready chain is full the request waits in the gateway. With no
 running chain, a chain that is "recovering" (rewiring a lost stage to a spare) takes requests:
 they wait in its table and go with its replay. With neither, the request fails at once with
@@ -123,6 +123,7 @@ class ChainPool:
         self.max_attempts = len(self.chains) + 1
         self._changed = asyncio.Event()  # set (and replaced) whenever a chain may be free
         self._ids = 0
+        self._turn = 0
 
     @property
     def ready(self) -> bool:
@@ -149,7 +150,7 @@ class ChainPool:
                 error = err
                 self._tell("attempt", chain, started, time.perf_counter(), False, request_id)
                 self._refresh(chain)
-                log.info("chain %d lost a request (%s); replaying it", chain.index, err)
+                log.debug("chain %d lost a request (%s); replaying it", chain.index, err)
                 self._tell("replay", chain)
                 continue
             finally:
@@ -172,7 +173,10 @@ class ChainPool:
                 raise UnavailableError(f"no chain is ready: {self.describe()}{cause}")
             free = [c for c in usable if c.in_flight < c.window]
             if free:
-                chain = min(free, key=lambda c: (c.index in tried, c.in_flight, c.index))
+                self._turn += 1  # ties go round, so one client at a time still uses every chain
+                n = len(self.chains)
+                chain = min(free, key=lambda c: (c.index in tried, c.in_flight,
+                                                 (c.index - self._turn) % n))
                 chain.in_flight += 1
                 return chain
             left = deadline - time.monotonic()

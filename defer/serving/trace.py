@@ -30,7 +30,8 @@ class TraceWriter(Observer):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: TextIO | None = open(self.path, "w")  # noqa: SIM115 - closed in close()
+        # line-buffered: every event is on disk at once, for a live or crashed gateway too
+        self._file: TextIO | None = open(self.path, "w", buffering=1)  # noqa: SIM115
         self._zero = time.perf_counter()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
