@@ -80,7 +80,8 @@ class GatewayMetrics(Observer):
             label = chain.name
             self._set_state(chain, chain.state)
             self.chain_in_flight.labels(label).set_function(lambda c=chain: c.in_flight)
-            for metric in (self.failovers, self.replays, self.recoveries, self.rejoins):
+            for metric in (self.failovers, self.replays, self.recoveries, self.rejoins,
+                           self.chain_duration):
                 metric.labels(label)  # exported as 0 from the start, not absent
             for outcome in ("ok", "failed"):
                 self.chain_requests.labels(label, outcome)
