@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
+from defer.cli.runtime_cmd import HEARTBEAT_HELP, _file, _token_option
 from defer.codecs import CODEC_HELP
-
-HEARTBEAT_HELP = ("Seconds between heartbeats on an idle connection; a node silent for 3 of "
-                  "its intervals is dead (0 = no heartbeats).")
 
 
 def _addresses(text: str, option: str) -> list[str]:
@@ -60,12 +58,10 @@ def _addresses(text: str, option: str) -> list[str]:
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write every request as Chrome trace-event JSON here "
                                  "(Perfetto, chrome://tracing).  [default: no trace]")
-@click.option("--token", envvar="DEFER_TOKEN", show_envvar=True, default=None,
-              help="Shared secret the nodes demand (prefer the DEFER_TOKEN variable).  "
-                   "[default: none]")
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Connect to nodes with TLS, verifying them against this CA "
-                                 "(PEM).  [default: plain TCP]")
+@_token_option
+@click.option("--tls-ca", type=_file(), default=None,
+              help="Connect to nodes with TLS, verifying them against this CA or self-signed "
+                   "certificate (PEM).  [default: plain TCP]")
 @click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
 def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...], host: str,
             http_port: int, grpc_port: int, metrics_port: int, name: str | None,
