@@ -114,6 +114,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 return response
         except DeferError as err:
             await self._abort(context, err)
+        except Exception as err:  # a bug: say so in the protocol's terms, log the traceback
+            log.exception("internal error answering ModelInfer")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err!r}")
 
 
 def create_server(gateway: Any, address: str) -> tuple[grpc.aio.Server, int]:

@@ -42,6 +42,11 @@ def create_app(gateway: Any) -> FastAPI:
     async def defer_error(request: Request, err: DeferError) -> JSONResponse:
         return _error(error_status(err)[0], str(err))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return _error(500, f"internal error: {err!r}")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error(err.status_code, f"{err.detail}: {request.method} {request.url.path}")
