@@ -7,7 +7,7 @@ spread is reported as the median and the min..max over those runs.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ class Context:
     work_dir: Path
     count: int  # inferences per measured stream
     log: Any = print
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 def spread(values: list[float]) -> dict[str, float | int | list[float]]:

@@ -1,9 +1,11 @@
-# Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
-# Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
-# (`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
-# seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
-# absence raises MissingDependencyError. Nothing is downloaded (weights=None).
-"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`."""
+"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`.
+
+Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
+Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
+(`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
+seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
+absence raises MissingDependencyError. Nothing is downloaded (weights=None).
+"""
 
 from __future__ import annotations
 
@@ -272,13 +274,14 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 
 @contextlib.contextmanager
 def _cache_lock(path: Path):
-    """Hold an exclusive lock beside `path` so concurrent processes build it only once."""
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold an exclusive lock on the cache folder (no lock file left behind) so concurrent
+    processes build each file only once."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

@@ -1,10 +1,15 @@
-# A local cluster on loopback (`defer run`): start N `defer serve` processes (port 0, each pinned
-# to a core, one onnxruntime thread), wait for their ready lines (never a fixed sleep), dispatch,
-# and compare with one onnxruntime session of the whole model: fidelity and throughput side by
-# side. Every process is stopped on exit, error or Ctrl-C: SHUTDOWN, then terminate, then kill.
+"""The one-machine harness (`defer run`, tests, benchmarks): it compiles AND runs, so it sits
+above both the compiler and the runtime.
+
+Start N `defer serve` processes on loopback (port 0, each pinned to a core, one engine thread),
+wait for their ready lines (never a fixed sleep), dispatch, and compare with one process running
+the whole model: fidelity and throughput side by side. Every process is stopped on exit, error
+or Ctrl-C: SHUTDOWN, then terminate, then kill.
+"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -12,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,8 +176,40 @@ class LocalCluster:
         stop_processes(self.nodes, wait=10.0 if dispatcher else 0.0)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How `defer run` runs: `n_stages` None = one node per core this process may use."""
+
+    n_stages: int | None = None
+    count: int = 100
+    codec: str | None = None
+    inflight: int | None = None
+    timeout: float = 60.0
+    seed: int = 0
+    out_dir: Path | None = None
+    profile: bool = True
+    warmup: int = 5
+
+    def checked(self) -> RunOptions:
+        if self.count < 1:
+            raise UsageError(f"--count {self.count}: need at least 1")
+        if self.n_stages is not None and self.n_stages < 1:
+            raise UsageError(f"-n {self.n_stages}: need at least one stage")
+        if self.codec is not None:
+            parse_codec(self.codec)
+        return self
+
+
+def default_stages() -> tuple[int, str]:
+    """One node per core this process may use (more would share cores and mislead), and why."""
+    cores = len(os.sched_getaffinity(0))
+    return cores, (f"-n {cores}: one node per core this process may use ({cores}); more nodes "
+                   "than cores would share them; pass -n to choose")
+
+
 def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
-                  profile: bool = True) -> tuple[Manifest, Any]:
+                  profile: bool = True, on_plan: Callable[[str], None] | None = None,
+                  ) -> tuple[Manifest, Any]:
     """(manifest, whole ONNX model or None) for a model file, a bundle dir or the example."""
     if model is None:
         from defer.examples import example_onnx
@@ -188,8 +226,12 @@ def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
         raise UsageError(f"{path}: no such model file or bundle directory")
     from defer.compiler import compile_model, load_model
 
+    if n_stages is None:
+        n_stages, why = default_stages()
+        if on_plan is not None:
+            on_plan(f"defer run: {why}")
     loaded = load_model(path)
-    compile_model(loaded, n_stages or 4, out_dir, profile=profile)
+    compile_model(loaded, n_stages, out_dir, profile=profile)
     return load_manifest(out_dir), loaded.model
 
 
@@ -204,21 +246,22 @@ def _find_whole_model(manifest: Manifest) -> Any:
     return None
 
 
-def run_local(model: str | Path | None = None, n_stages: int | None = None, count: int = 100,
-              codec: str | None = None, inflight: int | None = None, timeout: float = 60.0,
-              seed: int = 0, out_dir: str | Path | None = None, profile: bool = True,
-              warmup: int = 5) -> dict[str, Any]:
-    """Compile (if needed), run a local chain, compare with one process; return the report."""
-    if codec is not None:
-        parse_codec(codec)
+def run_local(model: str | Path | None = None, options: RunOptions | None = None,
+              on_plan: Callable[[str], None] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Compile (if needed), run a local chain, compare with one process; return the report.
+
+    Options are `RunOptions` fields, as `options=` or keywords; `on_plan` hears one line on
+    how the stage count was chosen."""
+    opts = dataclasses.replace(options or RunOptions(), **overrides).checked()
+    warmup = opts.warmup
     with tempfile.TemporaryDirectory(prefix="defer-run-") as tmp:
-        bundles = Path(out_dir) if out_dir else Path(tmp) / "bundles"
-        manifest, whole = resolve_model(model, n_stages, bundles, profile=profile)
-        samples = random_inputs(manifest.inputs, count + warmup, seed)
+        bundles = Path(opts.out_dir) if opts.out_dir else Path(tmp) / "bundles"
+        manifest, whole = resolve_model(model, opts.n_stages, bundles, opts.profile, on_plan)
+        samples = random_inputs(manifest.inputs, opts.count + warmup, opts.seed)
         single = single_process(manifest, whole, samples, warmup)
         with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
-            dispatcher = Dispatcher(manifest, cluster.addresses, codec=codec, inflight=inflight,
-                                    timeout=timeout)
+            dispatcher = Dispatcher(manifest, cluster.addresses, codec=opts.codec,
+                                    inflight=opts.inflight, timeout=opts.timeout)
             try:
                 list(dispatcher.map(samples[:warmup]))
                 dispatcher.reset_stats()
@@ -231,7 +274,7 @@ def run_local(model: str | Path | None = None, n_stages: int | None = None, coun
     hop_codecs = dispatcher.hop_codecs
     return {
         "model": manifest.model.get("name", ""), "n_stages": len(manifest.stages),
-        "count": count, "codecs": hop_codecs, "chain": chain, "single": single,
+        "count": opts.count, "codecs": hop_codecs, "chain": chain, "single": single,
         "speedup": chain["throughput"] / single["throughput"] if single["throughput"] else 0.0,
         "fidelity": {"max_abs": worst_abs, "max_rel": worst_rel,
                      "codec_bound_per_hop": max(max_abs_error(c) for c in hop_codecs)},

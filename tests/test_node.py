@@ -1,7 +1,9 @@
-# The node (`defer serve`): real processes on loopback, port 0, readiness by the ready line.
-# A malformed frame or a wrong protocol version closes that connection only; SIGINT/SIGTERM
-# drain and exit 0; an empty node takes a pushed bundle; STATS counts what it did; startup
-# failures have their own exit codes.
+"""The node (`defer serve`): real processes on loopback, port 0, readiness by the ready line. A
+malformed frame or a wrong protocol version closes that connection only; SIGINT/SIGTERM drain
+and exit 0; an empty node takes a pushed bundle; STATS counts what it did; startup failures
+have their own exit codes.
+"""
+
 from __future__ import annotations
 
 import signal
@@ -175,3 +177,18 @@ def test_unreadable_bundle_is_a_startup_failure(tmp_path):
     bad.write_bytes(b"not onnx")
     result = CliRunner().invoke(main, ["serve", "--port", "0", str(bad)])
     assert result.exit_code == 3 and "cannot load the bundle" in result.output
+
+
+def test_an_ipv6_chain_serves_and_names_nodes_with_brackets(tmp_path):
+    model = residual_mlp()
+    manifest = compile_tiny(model, tmp_path, n_stages=2)
+    nodes = []
+    try:
+        nodes = [start_node(manifest.bundle_path(i), host="::1") for i in range(2)]
+        assert all(n.address.startswith("[::1]:") for n in nodes)
+        x = np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)
+        with Dispatcher(manifest, [n.address for n in nodes], timeout=20) as dispatcher:
+            got = dispatcher.infer(x)["y"]
+        assert np.array_equal(got, reference(model, [{"x": x}])[0]["y"])
+    finally:
+        stop_processes(nodes)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from defer.cli.runtime_cmd import HEARTBEAT_HELP, _file, _token_option
+from defer.cli.common import heartbeat_option, resolve_token, token_options
 from defer.codecs import CODEC_HELP
+from defer.runtime.options import DispatchOptions
 
 
 def _addresses(text: str, option: str) -> list[str]:
@@ -50,7 +51,7 @@ def _addresses(text: str, option: str) -> list[str]:
 @click.option("--inflight", type=int, default=None,
               help="Requests in flight per chain; more wait in the gateway.  "
                    "[default: max(8, 2 x stages)]")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--timeout", type=float, default=DispatchOptions.timeout, show_default=True,
               help="Seconds a request may wait for a chain and for its result.")
 @click.option("--probe-interval", type=float, default=1.0, show_default=True,
               help="Seconds between probes of a failed chain (a probe retries its dead node; "
@@ -58,16 +59,17 @@ def _addresses(text: str, option: str) -> list[str]:
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write every request as Chrome trace-event JSON here "
                                  "(Perfetto, chrome://tracing).  [default: no trace]")
-@_token_option
-@click.option("--tls-ca", type=_file(), default=None,
-              help="Connect to nodes with TLS, verifying them against this CA or self-signed "
-                   "certificate (PEM).  [default: plain TCP]")
-@click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
+@token_options
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Connect to nodes with TLS, verifying them against this CA "
+                                 "or self-signed certificate (PEM).  [default: plain TCP]")
+@heartbeat_option
 def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...], host: str,
             http_port: int, grpc_port: int, metrics_port: int, name: str | None,
             max_batch: int, max_delay_ms: float, codec: str | None, inflight: int | None,
             timeout: float, probe_interval: float, trace_path: Path | None,
-            token: str | None, tls_ca: Path | None, heartbeat: float) -> None:
+            token: str | None, token_file: Path | None, tls_ca: Path | None,
+            heartbeat: float) -> None:
     """Serve the Open Inference Protocol (HTTP/REST and gRPC) in front of one or more chains.
 
     Once every chain is wired and every port listens, prints one line to stdout:
@@ -86,6 +88,7 @@ def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...], host:
     run_gateway(GatewayConfig(
         manifest=manifest_path, chains=chains, host=host, http_port=http_port,
         grpc_port=grpc_port, metrics_port=metrics_port, name=name, max_batch=max_batch,
-        max_delay_ms=max_delay_ms, codec=codec, inflight=inflight, timeout=timeout,
-        probe_interval=probe_interval, trace=trace_path, token=token or None, tls_ca=tls_ca,
-        heartbeat=heartbeat), ready)
+        max_delay_ms=max_delay_ms, probe_interval=probe_interval, trace=trace_path,
+        dispatch=DispatchOptions(codec=codec, inflight=inflight, timeout=timeout,
+                                 token=resolve_token(token, token_file), tls_ca=tls_ca,
+                                 heartbeat=heartbeat)), ready)

@@ -272,12 +272,16 @@ class Result(_TensorMessage):
 
 @dataclass(frozen=True, kw_only=True)
 class Error(_Base):
-    """A request (or, with request_id 0, the connection) failed at `node`, for `reason`."""
+    """A request (or, with request_id 0, the connection) failed at `node`, for `reason`.
+
+    `code` is the exit code of the error's kind (defer.errors): 2 = the request or bundle is
+    wrong (the receiver raises a UsageError subclass), 1 = a runtime failure (NodeError)."""
 
     TYPE = MsgType.ERROR
-    WIRE = {"reason": _str, "node": _str}
+    WIRE = {"reason": _str, "node": _str, "code": _int}
     reason: str
     node: str = ""
+    code: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -28,6 +28,7 @@ from defer.address import format_address
 from defer.errors import DeferError, StartupError, UsageError
 from defer.manifest import load_manifest
 from defer.runtime.dispatcher import Dispatcher
+from defer.runtime.options import DispatchOptions
 from defer.serving.batching import Batcher, check_batchable
 from defer.serving.metrics import GatewayMetrics
 from defer.serving.oip import ModelInfo, error_status
@@ -51,12 +52,7 @@ class GatewayConfig:
     name: str | None = None
     max_batch: int = 1
     max_delay_ms: float = 2.0
-    codec: str | None = None
-    inflight: int | None = None
-    timeout: float = 30.0
-    token: str | None = None
-    tls_ca: Path | None = None
-    heartbeat: float = 0.5
+    dispatch: DispatchOptions = field(default_factory=DispatchOptions)  # every chain's
     probe_interval: float = 1.0
     drain: float = 10.0
     trace: Path | None = None
@@ -115,7 +111,8 @@ def run_gateway(config: GatewayConfig, on_ready: Callable[[dict[str, str]], None
                           inputs=manifest.inputs, outputs=manifest.outputs,
                           platform=f"defer_{manifest.stages[0].format}",
                           server_version=__version__)
-        pool = ChainPool(dispatchers, probe_inputs(manifest.inputs), timeout=config.timeout,
+        pool = ChainPool(dispatchers, probe_inputs(manifest.inputs),
+                         timeout=config.dispatch.timeout,
                          probe_interval=config.probe_interval)
         metrics = GatewayMetrics(pool.chains, name=model.name, version=__version__)
         pool.observers = (metrics,) + ((trace,) if trace else ())
@@ -133,11 +130,10 @@ def _wire(config: GatewayConfig, manifest) -> list[Dispatcher]:
     try:
         for index, nodes in enumerate(config.chains):
             try:
-                dispatchers.append(Dispatcher(
-                    manifest, nodes, codec=config.codec, inflight=config.inflight,
-                    timeout=config.timeout, token=config.token, tls_ca=config.tls_ca, heartbeat=config.heartbeat))
+                dispatchers.append(Dispatcher(manifest, nodes, config.dispatch))
             except DeferError as err:
-                raise type(err)(f"chain {index} ({','.join(nodes)}): {err}") from None
+                err.args = (f"chain {index} ({','.join(nodes)}): {err}",)  # same type and code
+                raise
             log.info("chain %d wired: %s", index, ",".join(nodes))
     except BaseException:
         for dispatcher in dispatchers:
