@@ -1,9 +1,9 @@
-# `defer gateway` against the stock clients, with real processes on loopback: 2 `defer serve`
-# nodes (one chain) and the gateway, every port 0, started on their ready lines. tritonclient's
-# HTTP and gRPC clients see the manifest's inputs and outputs in the model metadata, get 200
-# inferences each that equal the whole model bit for bit (raw codec), and get the protocol's
-# error for a wrong shape; a plain HTTP JSON request (the README's curl) works too; the metrics
-# endpoint parses with prometheus_client's parser; the trace is trace-event JSON.
+"""`defer gateway` against the stock clients, with real processes on loopback: 2 `defer serve`
+nodes (one chain) and the gateway, every port 0, started on their ready lines. tritonclient's
+HTTP and gRPC clients see the manifest's inputs and outputs in the model metadata, get 200
+inferences each that equal the whole model bit for bit (raw codec), and get the protocol's
+error for a wrong shape; a plain HTTP JSON request (the README's curl) works too; the metrics
+endpoint parses with prometheus_client's parser; the trace is trace-event JSON."""
 from __future__ import annotations
 
 import json

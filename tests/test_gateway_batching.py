@@ -1,7 +1,7 @@
-# Dynamic batching through a real gateway: a model exported with a symbolic batch dimension,
-# --max-batch 8; 32 concurrent gRPC requests come back each with its own rows, equal to the
-# whole model run on that request alone, and the metrics show batches of more than one. A model
-# with a fixed batch dimension is refused with exit code 2 and a message saying why.
+"""Dynamic batching through a real gateway: a model exported with a symbolic batch dimension,
+--max-batch 8; 32 concurrent gRPC requests come back each with its own rows, equal to the
+whole model run on that request alone, and the metrics show batches of more than one. A model
+with a fixed batch dimension is refused with exit code 2 and a message saying why."""
 from __future__ import annotations
 
 import queue

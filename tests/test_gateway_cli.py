@@ -1,6 +1,6 @@
-# `defer gateway` as a command: a bad address is a usage error (exit 2) before anything starts;
-# a port already taken is a startup error (exit 3) naming the option to change; SIGTERM drains
-# and exits 0 (checked by every gateway test's teardown through GatewayProcess.stop).
+"""`defer gateway` as a command: a bad address is a usage error (exit 2) before anything starts;
+a port already taken is a startup error (exit 3) naming the option to change; SIGTERM drains
+and exits 0 (checked by every gateway test's teardown through GatewayProcess.stop)."""
 from __future__ import annotations
 
 import socket

@@ -1,9 +1,9 @@
-# Two chains behind one gateway, real processes on loopback: 8 concurrent clients stream 600
-# distinct requests; a node of chain 1 is killed -9 mid-stream (stopped first until requests
-# are stuck in chain 1, so some are surely pending), with no spares. Every request
-# gets exactly one answer, equal to the whole model's; chain 1's pending requests are replayed
-# on chain 0 (metrics say how many). The node comes back at its address and the probe makes
-# chain 1 rejoin. With every chain down the gateway answers 503 / UNAVAILABLE.
+"""Two chains behind one gateway, real processes on loopback: 8 concurrent clients stream 600
+distinct requests; a node of chain 1 is killed -9 mid-stream (stopped first until requests
+are stuck in chain 1, so some are surely pending), with no spares. Every request
+gets exactly one answer, equal to the whole model's; chain 1's pending requests are replayed
+on chain 0 (metrics say how many). The node comes back at its address and the probe makes
+chain 1 rejoin. With every chain down the gateway answers 503 / UNAVAILABLE."""
 from __future__ import annotations
 
 import signal

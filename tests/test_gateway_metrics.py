@@ -1,7 +1,7 @@
-# The gateway's metrics in-process: chain state transitions count failovers and rejoins the way
-# defer/serving/metrics.py says (a failed probe or a spare take-over is neither), the text
-# exposition parses with prometheus_client's parser, and the Grafana dashboard in
-# deploy/grafana queries only metrics the gateway exports.
+"""The gateway's metrics in-process: chain state transitions count failovers and rejoins the way
+defer/serving/metrics.py says (a failed probe or a spare take-over is neither), the text
+exposition parses with prometheus_client's parser, and the Grafana dashboard in
+deploy/grafana queries only metrics the gateway exports."""
 from __future__ import annotations
 
 import json

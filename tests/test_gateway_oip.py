@@ -1,7 +1,7 @@
-# The Open Inference Protocol without I/O (defer/serving/oip.py) and the batcher, in-process:
-# request bodies (JSON flat and nested, the binary tensor data extension) parse into the right
-# arrays or raise InputError and nothing else; responses are read back by tritonclient's own
-# parser; the error table maps to the protocol's statuses; batches split back exactly.
+"""The Open Inference Protocol without I/O (defer/serving/oip.py) and the batcher, in-process:
+request bodies (JSON flat and nested, the binary tensor data extension) parse into the right
+arrays or raise InputError and nothing else; responses are read back by tritonclient's own
+parser; the error table maps to the protocol's statuses; batches split back exactly."""
 from __future__ import annotations
 
 import asyncio
