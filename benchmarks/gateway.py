@@ -11,7 +11,8 @@
 The clients, the gateway and the nodes share the machine's 2 cores: figures are ratios in one
 run, on a machine others may be using.
 
-`python -m benchmarks --only gateway [--quick]`, or `python -m benchmarks.gateway [--quick]`.
+`python -m benchmarks --only gateway [--quick]`, or `python -m benchmarks.gateway [--quick]
+[--runs R] [--only failover scale batching]`; (b) and (c) alternate their setups R times.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Context, single_device, table
+from benchmarks.common import Context, fmt_spread, single_device, spread, table
 
 CLIENTS = 16
+PARTS = ("failover", "scale", "batching")
 
 
 @dataclass
@@ -178,52 +180,74 @@ def compare(ctx: Context, label: str, manifest, cores: list[int], per_chain: int
             **load.window(start + min(2.0, seconds / 5), start + seconds)}
 
 
-def run(ctx: Context, loaded) -> dict:
+def alternate(ctx: Context, setups: list[tuple]) -> list[dict]:
+    """Each setup (compare's arguments after ctx) measured `ctx.runs` times, in turn, so every
+    round sees the same machine load; per setup the runs and their median."""
+    runs: list[list[dict]] = [[] for _ in setups]
+    for _ in range(ctx.runs):
+        for k, setup in enumerate(setups):
+            runs[k].append(compare(ctx, *setup))
+    return [{"setup": r[0]["setup"], "runs": r,
+             **{key: spread([x[key] for x in r]) for key in ("throughput", "p50_ms", "p99_ms")},
+             "errors": sum(x["errors"] for x in r)} for r in runs]
+
+
+def run(ctx: Context, loaded, parts: tuple[str, ...] = PARTS) -> dict:
     from defer.compiler import compile_model, load_model
     from defer.examples import example_onnx
     from defer.fidelity import run_chain, stage_engines
     from defer.tensors import random_inputs
 
+    result: dict = {}
     r50_2 = compile_model(loaded, 2, ctx.work_dir / "gw-r50-n2")
-    r50_1 = compile_model(loaded, 1, ctx.work_dir / "gw-r50-n1")
     samples = random_inputs(r50_2.inputs, 16, seed=6)
-    engines = stage_engines(r50_2)
-    references = [run_chain(r50_2, s, engines) for s in samples]
-    del engines
-    result = {"failover": failover(ctx, r50_2, samples, references)}
-    single = single_device(r50_1, loaded.model, samples * 2)
-    result["single_device"] = {"throughput": single["throughput"],
-                               "p50_ms": single["latency_ms"]["p50"]}
-    result["scale_out"] = [
-        compare(ctx, "2 chains x 1 node (whole model)", r50_1, [0, 1], 1, samples),
-        compare(ctx, "1 chain x 2 nodes (cut in 2)", r50_2, [0, 1], 2, samples)]
-    tiny = compile_model(load_model(example_onnx("tiny_cnn")), 2, ctx.work_dir / "gw-tiny")
-    tiny_samples = random_inputs(tiny.inputs, 64, seed=7)
-    result["batching"] = [
-        compare(ctx, "tiny_cnn n=2, no batching", tiny, [0, 1], 2, tiny_samples),
-        compare(ctx, "tiny_cnn n=2, --max-batch 8 --max-delay-ms 2", tiny, [0, 1], 2,
-                tiny_samples, ("--max-batch", "8", "--max-delay-ms", "2"))]
+    if "failover" in parts:
+        engines = stage_engines(r50_2)
+        references = [run_chain(r50_2, s, engines) for s in samples]
+        del engines
+        result["failover"] = failover(ctx, r50_2, samples, references)
+    if "scale" in parts:
+        r50_1 = compile_model(loaded, 1, ctx.work_dir / "gw-r50-n1")
+        single = single_device(r50_1, loaded.model, samples * 2)
+        result["single_device"] = {"throughput": single["throughput"],
+                                   "p50_ms": single["latency_ms"]["p50"]}
+        result["scale_out"] = alternate(ctx, [
+            ("2 chains x 1 node (whole model)", r50_1, [0, 1], 1, samples),
+            ("1 chain x 2 nodes (cut in 2)", r50_2, [0, 1], 2, samples)])
+    if "batching" in parts:
+        tiny = compile_model(load_model(example_onnx("tiny_cnn")), 2, ctx.work_dir / "gw-tiny")
+        tiny_samples = random_inputs(tiny.inputs, 64, seed=7)
+        result["batching"] = alternate(ctx, [
+            ("tiny_cnn n=2, no batching", tiny, [0, 1], 2, tiny_samples),
+            ("tiny_cnn n=2, --max-batch 8 --max-delay-ms 2", tiny, [0, 1], 2, tiny_samples,
+             ("--max-batch", "8", "--max-delay-ms", "2"))])
     return result
 
 
 def render(result: dict) -> str:
-    f = result["failover"]
-    rows = [[name, f"{w['throughput']:.1f}", f"{w['p50_ms']:.0f}", f"{w['p99_ms']:.0f}"]
-            for name, w in (("before the kill", f["before"]),
-                            ("first 2 s after", f["around_kill"]), ("after", f["after"]))]
-    lines = [f"6a. Gateway failover: ResNet50 n=2, 2 chains, {f['clients']} gRPC clients, "
-             f"{f['seconds']:.0f} s, kill -9 of chain 1's node at {f['kill_at_s']:.0f} s",
-             table(["window", "answers/s", "p50 ms", "p99 ms"], rows),
-             f"{f['answers']} answers, {f['errors']} errors, {f['not_bit_exact']} not bit-exact "
-             f"(max abs error {f['max_abs_error']:.3g}); {f['replayed']:.0f} requests replayed "
-             f"on chain 0; answered by chain: {f['answered_by_chain']}", ""]
-    one = result["single_device"]
-    for title, key in ((f"6b. Scale-out, ResNet50 (fits one node; one device alone, in this "
-                        f"process, one core: {one['throughput']:.1f} inferences/s)", "scale_out"),
-                       ("6c. Dynamic batching", "batching")):
-        lines += [title, table(["setup", "answers/s", "p50 ms", "p99 ms", "errors"], [
-            [r["setup"], f"{r['throughput']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
-             r["errors"]] for r in result[key]]), ""]
+    lines = []
+    if "failover" in result:
+        f = result["failover"]
+        rows = [[name, f"{w['throughput']:.1f}", f"{w['p50_ms']:.0f}", f"{w['p99_ms']:.0f}"]
+                for name, w in (("before the kill", f["before"]),
+                                ("first 2 s after", f["around_kill"]), ("after", f["after"]))]
+        lines += [f"6a. Gateway failover: ResNet50 n=2, 2 chains, {f['clients']} gRPC clients, "
+                  f"{f['seconds']:.0f} s, kill -9 of chain 1's node at {f['kill_at_s']:.0f} s",
+                  table(["window", "answers/s", "p50 ms", "p99 ms"], rows),
+                  f"{f['answers']} answers, {f['errors']} errors, {f['not_bit_exact']} not "
+                  f"bit-exact (max abs error {f['max_abs_error']:.3g}); {f['replayed']:.0f} "
+                  f"requests replayed on chain 0; answered by chain: {f['answered_by_chain']}",
+                  ""]
+    titles = {"scale_out": "6b. Scale-out, ResNet50 (fits one node)",
+              "batching": "6c. Dynamic batching (median, min..max over runs)"}
+    if "single_device" in result:
+        titles["scale_out"] += (f"; one device alone, in this process, one core: "
+                                f"{result['single_device']['throughput']:.1f} inferences/s")
+    for key, title in titles.items():
+        if key in result:
+            lines += [title, table(["setup", "answers/s", "p50 ms", "p99 ms", "errors"], [
+                [r["setup"], fmt_spread(r["throughput"], 1), fmt_spread(r["p50_ms"], 1),
+                 fmt_spread(r["p99_ms"], 1), r["errors"]] for r in result[key]]), ""]
     return "\n".join(lines).rstrip()
 
 
@@ -239,12 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 s failover run, 10 s others")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="rounds of (b) and (c) (default 3, quick 1)")
+    parser.add_argument("--only", nargs="*", choices=PARTS, default=list(PARTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gateway.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="defer-bench-gw-") as tmp:
-        ctx = Context(quick=args.quick, runs=1, work_dir=Path(tmp), count=0)
-        result = run(ctx, load_model(example_onnx("resnet50")))
+        ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3),
+                      work_dir=Path(tmp), count=0)
+        result = run(ctx, load_model(example_onnx("resnet50")), tuple(args.only))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
