@@ -41,6 +41,7 @@ class NodeProcess:
     process: subprocess.Popen
     address: str
     log_path: Path
+    http_address: str | None = None  # with http_port: where /health and /metrics answer
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -54,7 +55,7 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
                timeout: float = 60.0, command_prefix: tuple[str, ...] = (),
                token: str | None = None, tls_cert: str | Path | None = None,
                tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
-               heartbeat: float | None = None) -> NodeProcess:
+               heartbeat: float | None = None, http_port: int | None = None) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
     `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
@@ -72,12 +73,14 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
     if cpu is not None:
         args += ["--cpu", str(cpu)]
     for option, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
-                          ("--tls-ca", tls_ca), ("--heartbeat", heartbeat)):
+                          ("--tls-ca", tls_ca), ("--heartbeat", heartbeat),
+                          ("--http-port", http_port)):
         if value is not None:
             args += [option, str(value)]
     if bundle is not None:
         args.append(str(bundle))
-    env = {k: v for k, v in os.environ.items() if k != "DEFER_TOKEN"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEFER_TOKEN", "DEFER_TOKEN_FILE", "DEFER_HTTP_PORT")}
     if token is not None:
         env["DEFER_TOKEN"] = token
     with open(log_path, "wb") as log_file:
@@ -85,7 +88,8 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
                                    stdin=subprocess.DEVNULL, env=env)
     node = NodeProcess(process, "", log_path)
     try:
-        node.address = _wait_ready(process, timeout)
+        node.address, _, node.http_address = _wait_ready(process, timeout).partition(" http ")
+        node.http_address = node.http_address or None
     except BaseException:
         stop_processes([node])
         raise
@@ -112,7 +116,7 @@ def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
     line = buffer.split(b"\n", 1)[0].decode(errors="replace")
     if not line.startswith(READY_PREFIX):
         raise StartupError(f"node (pid {process.pid}) printed {line!r}, not a ready line")
-    return line[len(READY_PREFIX):].strip()
+    return line[len(READY_PREFIX):].strip()  # "HOST:PORT" or "HOST:PORT http HOST:PORT"
 
 
 def stop_processes(nodes: list[NodeProcess], wait: float = 0.0) -> None:

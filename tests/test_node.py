@@ -192,3 +192,35 @@ def test_an_ipv6_chain_serves_and_names_nodes_with_brackets(tmp_path):
         assert np.array_equal(got, reference(model, [{"x": x}])[0]["y"])
     finally:
         stop_processes(nodes)
+
+
+def test_http_health_and_prometheus_metrics(one_stage):
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, manifest = one_stage
+    node = start_node(http_port=0)  # empty: not ready until the dispatcher pushes a bundle
+    try:
+        base = f"http://{node.http_address}"
+        assert urllib.request.urlopen(f"{base}/health/live", timeout=5).status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/health/ready", timeout=5)
+        assert err.value.code == 503
+        with Dispatcher(manifest, [node.address], timeout=10) as dispatcher:
+            list(dispatcher.map(_samples(7)))
+            ready = urllib.request.urlopen(f"{base}/health/ready", timeout=5)
+            assert ready.status == 200
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        (requests,) = families["defer_stage_requests"].samples
+        assert requests.value == 7 and requests.labels == {"stage": "0"}
+        buckets = [s for s in families["defer_stage_compute_seconds"].samples
+                   if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 7
+        assert {s.labels["direction"] for s in families["defer_hop_bytes"].samples} == {"in",
+                                                                                       "out"}
+        assert families["defer_node_ready"].samples[0].value == 1
+    finally:
+        stop_processes([node])

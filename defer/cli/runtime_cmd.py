@@ -45,17 +45,21 @@ def _file(**kwargs):
               help="Connect to the next node with TLS, verifying it against this CA or "
                    "self-signed certificate (PEM).  [default: plain TCP]")
 @heartbeat_option
+@click.option("--http-port", type=int, envvar="DEFER_HTTP_PORT", show_envvar=True, default=None,
+              help="Also serve GET /health/live, /health/ready (200 once a bundle is loaded) and "
+                   "/metrics (Prometheus) over HTTP on this port; 0 = any free one (printed in "
+                   "the ready line).  [default: off]")
 def serve(token: str | None, token_file: Path | None, **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
-    Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
+    Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
+    by ` http HOST:PORT` with --http-port).
     SIGINT/SIGTERM drain in-flight requests and exit 0.
     """
-    from defer.address import format_address
     from defer.runtime.node import READY_PREFIX, run_node
 
-    def ready(bound_host: str, bound_port: int) -> None:
-        click.echo(f"{READY_PREFIX}{format_address(bound_host, bound_port)}")
+    def ready(address: str, http: str | None) -> None:
+        click.echo(f"{READY_PREFIX}{address}" + (f" http {http}" if http else ""))
         sys.stdout.flush()
 
     run_node(NodeConfig(token=resolve_token(token, token_file), **fields), ready)

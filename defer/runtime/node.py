@@ -38,6 +38,7 @@ from defer.errors import (
 )
 from defer.manifest import sha256_bytes
 from defer.runtime.channel import STREAM_LIMIT, Channel, client_tls, server_tls
+from defer.runtime.http import NodeHTTP
 from defer.runtime.options import NodeConfig
 from defer.runtime.pipeline import Pipeline
 from defer.runtime.protocol import (
@@ -83,8 +84,9 @@ class Node:
         """Stop accepting, drain in-flight requests, exit. Safe from a signal handler."""
         self._stop.set()
 
-    async def serve(self, on_ready: Callable[[str, int], None] | None = None) -> None:
-        """Serve until request_stop() or SHUTDOWN; calls on_ready(host, port) once listening."""
+    async def serve(self, on_ready: Callable[[str, str | None], None] | None = None) -> None:
+        """Serve until request_stop() or SHUTDOWN; once listening, calls
+        on_ready(address, http address or None)."""
         try:
             if self.config.bundle is not None:
                 await self._load_file(self.config.bundle)
@@ -97,16 +99,32 @@ class Node:
                 await server.start_serving()
                 host, port = server.sockets[0].getsockname()[:2]
                 self.node_id = self.pipeline.node_id = format_address(host, port)
-                log.info("node %s listening (bundle %s, %s, %s)", self.node_id,
+                http = self._start_http()
+                log.info("node %s listening (bundle %s, %s, %s%s)", self.node_id,
                          self._sha or "none yet", "TLS" if self._server_tls else "plain TCP",
-                         "token required" if self.config.token else "no token")
+                         "token required" if self.config.token else "no token",
+                         f", http {format_address(*http.address)}" if http else "")
                 if on_ready is not None:
-                    on_ready(host, port)
-                await self._stop.wait()
+                    on_ready(self.node_id, format_address(*http.address) if http else None)
+                try:
+                    await self._stop.wait()
+                finally:
+                    if http is not None:
+                        http.stop()
                 server.close()
                 await self._drain(workers)
         finally:
             self.pipeline.close()
+
+    def _start_http(self) -> NodeHTTP | None:
+        if self.config.http_port is None:
+            return None
+        http = NodeHTTP(self.config.host, self.config.http_port, self._snapshot)
+        http.start()
+        return http
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {**self.stats(), "ready": self.pipeline.engine is not None, "bundle": self._sha}
 
     async def _load_file(self, path: Path) -> None:
         try:
@@ -173,6 +191,8 @@ class Node:
                 await self._data_loop(chan)
             if chan.dead_reason:
                 log.warning("dropped connection from %s: %s", chan.peer, chan.dead_reason)
+                if chan.dead_reason.startswith("silent"):
+                    self.counters.heartbeats_missed += 1
         except (AuthError, ProtocolError) as err:
             self.counters.refused += 1
             log.warning("closing connection from %s: %s", chan.peer, err)
@@ -330,7 +350,8 @@ class Node:
         return self._control if isinstance(msg, Result | Error) else self._downstream
 
 
-def run_node(config: NodeConfig, on_ready: Callable[[str, int], None] | None = None) -> None:
+def run_node(config: NodeConfig, on_ready: Callable[[str, str | None], None] | None = None,
+             ) -> None:
     """Run a node until SIGINT/SIGTERM/SHUTDOWN (pins to `config.cpu` first); returns cleanly."""
     import signal
 

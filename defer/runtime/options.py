@@ -31,7 +31,8 @@ class NodeConfig:
 
     `token`: peers must prove they hold it (HMAC challenge-response in HELLO). `tls_cert` +
     `tls_key`: serve TLS. `tls_ca`: verify the next hop's TLS certificate against this CA.
-    `heartbeat`: seconds between heartbeats on an idle connection (0 = none).
+    `heartbeat`: seconds between heartbeats on an idle connection (0 = none). `http_port`:
+    serve /health/live, /health/ready and /metrics there (0 = any free port).
     """
 
     host: str = "127.0.0.1"
@@ -48,12 +49,14 @@ class NodeConfig:
     tls_ca: Path | None = None
     heartbeat: float = DEFAULT_HEARTBEAT
     max_connections: int = 64
+    http_port: int | None = None  # health + metrics over HTTP (runtime/http.py); None = off
 
     def checked(self) -> NodeConfig:
         if self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
-        if not 0 <= self.port < 65536:
-            raise UsageError(f"--port {self.port}: use 1..65535, or 0 for any free port")
+        for name, port in (("--port", self.port), ("--http-port", self.http_port)):
+            if port is not None and not 0 <= port < 65536:
+                raise UsageError(f"{name} {port}: use 1..65535, or 0 for any free port")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("TLS needs both --tls-cert and --tls-key")
         if self.queue_size < 1:

@@ -10,6 +10,7 @@ adds the returned times to its counters (`StageCounters`), which STATS reports.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ def run_stage(plan: Configure, engine: Engine, msg: Infer,
     return (Result if last else Infer)(request_id=msg.request_id, tensors=tuple(tensors)), times
 
 
+COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)  # seconds: upper bounds of the compute-time histogram
+
+
 @dataclass
 class StageCounters:
     """What STATS reports. The loop and the engine thread each write their own fields."""
@@ -71,6 +76,8 @@ class StageCounters:
     raw_out: int = 0  # what bytes_out would be with the raw codec
     queue_max: int = 0
     refused: int = 0  # connections closed for a bad HELLO, token, frame or over the limit
+    heartbeats_missed: int = 0  # peers dropped for silence
+    compute_counts: list[int] = field(default_factory=lambda: [0] * (len(COMPUTE_BUCKETS) + 1))
     started: float = field(default_factory=time.monotonic)
 
     def add(self, times: StageTimes) -> None:
@@ -78,6 +85,7 @@ class StageCounters:
         self.busy_s += times.compute_s
         self.encode_s += times.encode_s
         self.requests += 1
+        self.compute_counts[bisect.bisect_left(COMPUTE_BUCKETS, times.compute_s)] += 1
 
     def snapshot(self, **extra: Any) -> dict[str, Any]:
         """The STATS counters as JSON-ready values (cumulative; the dispatcher takes deltas)."""
@@ -86,5 +94,7 @@ class StageCounters:
             "decode_s": self.decode_s, "encode_s": self.encode_s, "cpu_s": time.process_time(),
             "wall_s": time.monotonic() - self.started, "bytes_in": dict(self.bytes_in),
             "bytes_out": dict(self.bytes_out), "raw_out": self.raw_out,
-            "queue_max": self.queue_max, "refused": self.refused, **extra,
+            "queue_max": self.queue_max, "refused": self.refused,
+            "heartbeats_missed": self.heartbeats_missed,
+            "compute_histogram": [list(COMPUTE_BUCKETS), list(self.compute_counts)], **extra,
         }
