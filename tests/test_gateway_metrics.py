@@ -1,7 +1,7 @@
 """The gateway's metrics in-process: chain state transitions count failovers and rejoins the way
 defer/serving/metrics.py says (a failed probe or a spare take-over is neither), the text
 exposition parses with prometheus_client's parser, and the Grafana dashboard in
-deploy/grafana queries only metrics the gateway exports."""
+deploy/grafana queries only metrics the gateway or the nodes export."""
 from __future__ import annotations
 
 import json
@@ -53,8 +53,12 @@ def test_dashboard_queries_only_exported_metrics():
     metrics.answered("http", "ok", 0.01)
     metrics.batch_size.observe(3)
     exported = {name for name, _ in _samples(metrics)}
+    # the nodes' families (defer serve --http-port), with the suffixes their samples take
+    node_source = (DASHBOARD.parent.parent.parent / "defer" / "runtime" / "http.py").read_text()
+    exported |= {family + suffix for family in re.findall(r'"(defer_[a-z_]+)"', node_source)
+                 for suffix in ("", "_total", "_bucket", "_sum", "_count")}
     dashboard = json.loads(DASHBOARD.read_text())
-    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+    queried = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in re.findall(r"\bdefer_[a-z_]+", target["expr"])}
     queried |= set(re.findall(r"\bdefer_[a-z_]+",
                               json.dumps(dashboard["templating"])))
