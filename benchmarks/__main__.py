@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, network, overhead, partition
+from benchmarks import compute, gateway, network, overhead, partition
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +80,10 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
         ctx.log("scenario 4: network-limited (ip netns + tc tbf)")
         results["network"] = network.run(ctx, loaded, blind, samples)
         tables.append(network.render(results["network"]))
+    if "gateway" in only:
+        ctx.log("scenario 6: the gateway under load (16 clients, a chain killed, batching)")
+        results["gateway"] = gateway.run(ctx, loaded)
+        tables.append(gateway.render(results["gateway"]))
     return results, tables
 
 

@@ -24,6 +24,7 @@ COMMANDS = {
     "dispatch": "defer.cli.runtime_cmd:dispatch",
     "run": "defer.cli.runtime_cmd:run",
     "deploy": "defer.cli.deploy_cmd:deploy",
+    "gateway": "defer.cli.gateway_cmd:gateway",
 }
 
 

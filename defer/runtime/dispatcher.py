@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 _END = object()
+LATENCY_WINDOW = 100_000  # latencies kept for percentiles: the newest, so memory stays bounded
 
 
 class Dispatcher:
@@ -207,7 +208,7 @@ class Dispatcher:
     # --- measures -----------------------------------------------------------------------------
 
     def _reset_measures(self) -> None:
-        self._latencies: list[float] = []
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._first_submit: float | None = None
         self._completed_before = self._supervisor.completed
         self._hop0_bytes: Counter[str] = Counter()
@@ -226,7 +227,7 @@ class Dispatcher:
         window = (end - self._first_submit) if self._first_submit and end else 0.0
         report = chain_report(
             nodes=self.nodes, hop_codecs=self.hop_codecs, requests=self.completed,
-            window_s=window, latencies_s=self._latencies, hop0_bytes=dict(self._hop0_bytes),
+            window_s=window, latencies_s=list(self._latencies), hop0_bytes=dict(self._hop0_bytes),
             hop0_raw=self._hop0_raw, watts=self.options.watts_per_core,
             node_deltas=[counter_delta(a, b) for a, b in zip(now, self._supervisor.baseline)])
         report["recoveries"] = self.recoveries
