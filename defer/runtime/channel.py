@@ -33,8 +33,9 @@ from defer.runtime.protocol import (
     encode_parts,
 )
 
-READ_CHUNK = 1 << 20
 STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabytes, not lines
+READ_AHEAD = 256 * 1024  # stop reading once this much is received but not yet taken as frames
+DIRECT_WRITE = 64 * 1024  # frame parts this big go to the socket as they are, never joined
 DEAD_AFTER = 3  # a peer silent for this many of its heartbeat intervals is dead
 DEFAULT_HEARTBEAT = 0.5  # seconds: a dead or hung peer is noticed within 3 x 0.5 s + a tick
 
@@ -60,18 +61,101 @@ def client_tls(ca: str | Path) -> ssl.SSLContext:
     return context
 
 
+class _Receiver(asyncio.BufferedProtocol):
+    """Reads a stream's transport in place of its StreamReader: the socket is read straight
+    into the decoder's buffers (a frame's body, once its header is in), so a tensor is not
+    copied between the kernel and the decoded frame. Writing, its flow control and closing
+    stay with the stream's own protocol, so the StreamWriter works as before."""
+
+    def __init__(self, decoder: Decoder, stream: asyncio.BaseProtocol):
+        self.decoder, self.stream = decoder, stream
+        self.transport: asyncio.BaseTransport | None = None
+        self.received = 0
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self._paused = False
+
+    def take_over(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.set_protocol(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
+        self.decoder.buffer_updated(nbytes)
+        if self.decoder.buffered >= READ_AHEAD and not self._paused:
+            self._paused = True  # the reader is behind: let TCP push back on the sender
+            self.transport.pause_reading()
+        if self.decoder.ready:
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.decoder.feed_eof()
+        self._wake()
+        return self.stream.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            self.decoder.feed_eof()
+        else:
+            self.error = exc
+        self._wake()
+        self.stream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.stream.resume_writing()
+
+    async def wait(self) -> None:
+        """Until more bytes, EOF or an error arrive."""
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class Channel:
-    """One connection: a decoder on the read side, whole frames on the write side."""
+    """One connection: a decoder on the read side, whole frames on the write side.
+
+    It takes the stream's transport over for reading (`_Receiver`): use `recv`, never
+    `reader`, once the channel exists.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str,
                  limits: Limits = DEFAULT_LIMITS):
         self.reader, self.writer, self.peer = reader, writer, peer
         self.decoder = Decoder(limits)
-        self.bytes_in = 0
         self.bytes_out = 0
         self.waiting = False  # True while recv() waits on the socket
         self.peer_heartbeat = 0.0  # seconds the peer promised between frames (0 = none)
         self.dead_reason: str | None = None  # why keepalive or an owner aborted it
+        self._receiver = _Receiver(self.decoder, writer.transport.get_protocol())
+        # Bytes the StreamReader got before the take-over (none when built in the server's
+        # connection callback: nothing is read before it returns).
+        early = getattr(reader, "_buffer", None)
+        if early:
+            self._receiver.received += len(early)
+            self.decoder.feed(bytes(early))
+            early.clear()
+        if reader.at_eof():
+            self.decoder.feed_eof()
+        self._receiver.take_over(writer.transport)
+
+    @property
+    def bytes_in(self) -> int:
+        return self._receiver.received
 
     @classmethod
     async def connect(cls, address: str, timeout: float,
@@ -107,25 +191,32 @@ class Channel:
                 return msg
             if self.decoder.eof:
                 return None
+            if self._receiver.error is not None:
+                raise self._receiver.error
             self.waiting = True
             try:
-                data = await self.reader.read(READ_CHUNK)
+                await self._receiver.wait()
             finally:
                 self.waiting = False
-            if data:
-                self.bytes_in += len(data)
-                self.decoder.feed(data)
-            else:
-                self.decoder.feed_eof()
 
     def write(self, msg: Message) -> None:
         """Queue one whole frame without waiting for the socket. ConnectionResetError once
         the connection is closing."""
         if self.writer.is_closing():
             raise ConnectionResetError(f"connection to {self.peer} is closed")
-        parts = encode_parts(msg)
-        self.bytes_out += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-        self.writer.writelines(parts)
+        small: list[bytes | memoryview] = []
+        for part in encode_parts(msg):
+            size = part.nbytes if isinstance(part, memoryview) else len(part)
+            self.bytes_out += size
+            if size < DIRECT_WRITE:
+                small.append(part)
+                continue
+            if small:  # header, metadata, small tensors: one write
+                self.writer.write(b"".join(small))
+                small = []
+            self.writer.write(part)  # a tensor: no join, the socket takes it from its array
+        if small:
+            self.writer.write(b"".join(small))
 
     async def send(self, msg: Message) -> None:
         self.write(msg)

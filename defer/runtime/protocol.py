@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
+import numpy as np
+
 from defer.address import parse_address
 from defer.codecs import WireTensor
 from defer.errors import ProtocolError, UsageError
@@ -437,7 +439,7 @@ def _parse_header(raw: bytes, limits: Limits) -> _Header:
     return _Header(MsgType(mtype), request_id, meta_len, n_seg, payload_len)
 
 
-def _parse_body(header: _Header, body: bytearray, limits: Limits) -> Message:
+def _parse_body(header: _Header, body: np.ndarray, limits: Limits) -> Message:
     view = memoryview(body)
     try:
         meta = json.loads(view[: header.meta_len].tobytes().decode("utf-8"))
@@ -475,22 +477,44 @@ class Decoder:
     After `feed_eof`, `next` returns None at a clean frame boundary and raises ProtocolError
     for a truncated frame. Once it has raised, the decoder stays broken: close the connection.
     Decoded payloads are views into one buffer per frame (no copy per tensor).
+
+    A socket reader may skip `feed` and its copies: `get_buffer()` names where the next bytes
+    should go (`recv_into` it), `buffer_updated(n)` says how many went there. Inside a frame's
+    body that is the body itself, so payloads land where the tensors will be read from.
     """
+
+    SCRATCH = 256 * 1024  # bytes read at once while between frames (headers, small frames)
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS):
         self.limits = limits
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
         self._header: _Header | None = None
-        self._body = bytearray()
+        self._body: np.ndarray | bytearray = bytearray()
         self._filled = 0
         self._eof = False
         self._error: ProtocolError | None = None
+        self._scratch: bytearray | None = None
+        self._direct = False  # the last get_buffer() handed out the body itself
 
     @property
     def eof(self) -> bool:
         """True once feed_eof was called and every complete frame has been taken."""
         return self._eof and self._header is None and self._buffered == 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a frame body (a bound for read-ahead)."""
+        return self._buffered
+
+    @property
+    def ready(self) -> bool:
+        """Whether `next` may have a message (or an error) to give after the latest bytes."""
+        if self._error is not None or self._eof:
+            return True
+        if self._header is None:
+            return self._buffered >= HEADER_SIZE
+        return self._filled + self._buffered >= len(self._body)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
@@ -503,6 +527,28 @@ class Decoder:
     def feed_eof(self) -> None:
         self._eof = True
 
+    def get_buffer(self) -> memoryview:
+        """A writable buffer for the next received bytes; then call `buffer_updated(n)`."""
+        if self._header is None and self._error is None:
+            try:  # start the next frame now, so its body can be received in place
+                self._start_frame()
+            except ProtocolError as err:
+                self._error = err  # raised by next(), where the caller expects it
+        if self._header is not None and not self._chunks and self._filled < len(self._body):
+            self._direct = True
+            return memoryview(self._body)[self._filled:]
+        self._direct = False
+        if self._scratch is None:
+            self._scratch = bytearray(self.SCRATCH)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, n: int) -> None:
+        """`n` bytes were written into the buffer the last `get_buffer` returned."""
+        if self._direct:
+            self._filled += n
+        else:
+            self.feed(memoryview(self._scratch)[:n].tobytes())
+
     def next(self) -> Message | None:
         if self._error is not None:
             raise self._error
@@ -514,14 +560,12 @@ class Decoder:
 
     def _next(self) -> Message | None:
         if self._header is None:
-            if self._buffered < HEADER_SIZE:
+            self._start_frame()
+            if self._header is None:
                 if self._eof and self._buffered:
                     raise ProtocolError(f"connection closed inside a frame header "
                                         f"({self._buffered} of {HEADER_SIZE} bytes)")
                 return None
-            self._header = _parse_header(self._take(HEADER_SIZE), self.limits)
-            self._body = bytearray(self._header.meta_len + self._header.payload_len)
-            self._filled = 0
         self._fill()
         if self._filled < len(self._body):
             if self._eof:
@@ -531,6 +575,17 @@ class Decoder:
         header, body = self._header, self._body
         self._header, self._body = None, bytearray()
         return _parse_body(header, body, self.limits)
+
+    def _start_frame(self) -> None:
+        """Parse the next header once it is all here and allocate the frame's body."""
+        if self._buffered < HEADER_SIZE:
+            return
+        header = _parse_header(self._take(HEADER_SIZE), self.limits)
+        self._header = header
+        # Uninitialised (no memset of megabytes): a body is parsed only once fully written.
+        self._body = np.empty(header.meta_len + header.payload_len, np.uint8)
+        self._filled = 0
+        self._fill()
 
     def _take(self, n: int) -> bytes:
         out = bytearray()
