@@ -1,14 +1,18 @@
-# An asyncio stream carrying defer frames: `recv() -> Message | None` (None = clean EOF) and
-# `send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`,
-# the proofs in `auth`. Each send writes one whole frame synchronously, so concurrent senders
-# never interleave frames. Also here, because both ends need them:
-# - the HELLO exchange with optional token authentication (`handshake` on the connecting side,
-#   `accept` on the node); an unauthenticated peer is held to HANDSHAKE_LIMITS;
-# - TLS contexts (`server_tls`, `client_tls`);
-# - `keepalive`: heartbeats and failure detection. It sends a heartbeat PING only when nothing
-#   else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
-#   the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read.
-#   It reads counters the channel keeps anyway: no work per request.
+"""An asyncio stream carrying defer frames: `recv() -> Message | None` (None = clean EOF) and
+`send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`, the
+proofs in `auth`. Each send writes one whole frame synchronously, so concurrent senders never
+interleave frames. Reading goes straight into each frame's body buffer (`_Receiver`).
+
+Also here, because both ends need them:
+- the HELLO exchange with optional token authentication (`handshake` on the connecting side,
+  `accept` on the node); an unauthenticated peer is held to HANDSHAKE_LIMITS;
+- TLS contexts (`server_tls`, `client_tls`);
+- `keepalive`: heartbeats and failure detection. It sends a heartbeat PING only when nothing
+  else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
+  the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read. It
+  reads counters the channel keeps anyway: no work per request.
+"""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +41,6 @@ STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabyt
 READ_AHEAD = 256 * 1024  # stop reading once this much is received but not yet taken as frames
 DIRECT_WRITE = 64 * 1024  # frame parts this big go to the socket as they are, never joined
 DEAD_AFTER = 3  # a peer silent for this many of its heartbeat intervals is dead
-DEFAULT_HEARTBEAT = 0.5  # seconds: a dead or hung peer is noticed within 3 x 0.5 s + a tick
 
 
 def server_tls(cert: str | Path, key: str | Path) -> ssl.SSLContext:
