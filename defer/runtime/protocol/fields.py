@@ -87,6 +87,12 @@ def _hop(v: Any, name: str) -> str:
     return v
 
 
+def _clock(v: Any, name: str) -> float:
+    if type(v) not in (int, float) or not 0 <= v < 1e11:
+        raise _bad(f"field {name!r} must be a time in seconds since the epoch, got {v!r:.40}")
+    return float(v)
+
+
 def _bool(v: Any, name: str) -> bool:
     if type(v) is not bool:
         raise _bad(f"field {name!r} must be true or false")

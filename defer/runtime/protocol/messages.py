@@ -5,6 +5,7 @@ bytes; `_tensor` checks a descriptor, including the decoded size its shape impli
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from defer.runtime.protocol.fields import (
     Limits,
     _bad,
     _bool,
+    _clock,
     _hex,
     _hop,
     _int,
@@ -70,12 +72,15 @@ class Hello(_Base):
     `challenge` is a fresh nonce, `response` an HMAC proof over both nonces (see `auth`); the
     token itself never crosses the wire. `heartbeat_ms`: the sender promises to send something
     at least this often (0 = no promise), so its peer may call it dead after a few silent
-    periods.
+    periods. `clock`: the sender's wall clock when it sent this (seconds since the epoch), so the
+    peer can estimate the offset between their clocks (no synchronisation assumed). `info`: a
+    node's facts in its final HELLO (defer version, cores, memory, engines; see node.py).
     """
 
     TYPE = MsgType.HELLO
     WIRE = {"version": _int, "node_id": _str, "role": _role, "bundle_sha256": _opt_hex,
-            "challenge": _opt_hex, "response": _opt_hex, "heartbeat_ms": _int}
+            "challenge": _opt_hex, "response": _opt_hex, "heartbeat_ms": _int,
+            "clock": _clock, "info": _opt_dict}
     version: int = PROTOCOL_VERSION
     node_id: str = ""
     role: str = "node"
@@ -83,6 +88,8 @@ class Hello(_Base):
     challenge: str | None = None
     response: str | None = None
     heartbeat_ms: int = 0
+    clock: float = field(default_factory=time.time)
+    info: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
