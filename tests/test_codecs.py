@@ -1,6 +1,6 @@
 """Codecs: every spec round-trips every dtype and shape (lossless ones bit-exact, zfp:<tol> within
-tol), fall-backs are recorded on the wire, specs are validated, bad payloads raise CodecError,
-and codec output survives the protocol.
+tol, q8 within half its quantization step), fall-backs are recorded on the wire, specs are
+validated, bad payloads raise CodecError, and codec output survives the protocol.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from defer.codecs import (
     decode_tensor,
     encode_tensor,
+    error_bound,
     max_abs_error,
     parse_codec,
 )
@@ -115,8 +116,9 @@ def test_unknown_codec_on_the_wire_is_a_codec_error():
         decode_tensor(p.WireTensor("t", "float32", (1,), "brotli", b"1234"))
 
 
-def test_codec_output_survives_the_protocol():
-    tensors = tuple(encode_tensor(n, a, s) for (n, a), s in zip(ARRAYS.items(), SPECS * 2))
+@pytest.mark.parametrize("specs", [SPECS, ["q8", "q8c", "q8+lz4", "q8c:-1+lz4"]])
+def test_codec_output_survives_the_protocol(specs):
+    tensors = tuple(encode_tensor(n, a, s) for (n, a), s in zip(ARRAYS.items(), specs * 3))
     decoder = p.Decoder()
     decoder.feed(p.encode(p.Infer(request_id=1, tensors=tensors)))
     for wire, got in zip(tensors, decoder.next().tensors):
@@ -131,3 +133,107 @@ def test_codec_output_survives_the_protocol():
 def test_fixed_accuracy_holds_its_tolerance(array, spec):
     back = decode_tensor(encode_tensor("t", array, spec))
     assert np.max(np.abs(back - array), initial=0.0) <= max_abs_error(spec)
+
+
+# --- q8: 8-bit affine quantization ---------------------------------------------------------
+
+Q8_SPECS = ["q8", "q8c", "q8+lz4", "q8c:-1+lz4"]
+
+
+def _q8_slack(array: np.ndarray) -> float:
+    """Float rounding on top of scale / 2: float32 arithmetic, and the result's own dtype."""
+    big = float(np.max(np.abs(array.astype(np.float64)), initial=0.0))
+    eps = max(np.finfo(np.float32).eps, np.finfo(array.dtype).eps if array.dtype.kind == "f"
+              else 0.0)
+    return 4 * eps * big
+
+
+@pytest.mark.parametrize("spec", Q8_SPECS)
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_q8_round_trips_within_half_a_step(spec, name):
+    array = ARRAYS[name]
+    wire = encode_tensor("t", array, spec)
+    back = decode_tensor(wire)
+    assert back.shape == array.shape and back.dtype == array.dtype.newbyteorder("=")
+    if not wire.codec.startswith("q8"):
+        assert np.array_equal(back, array)  # fell back to a lossless codec
+        return
+    error = np.abs(back.astype(np.float64) - array.astype(np.float64))
+    assert np.max(error, initial=0.0) <= error_bound(spec, array) + _q8_slack(array)
+    assert np.all(back[array == 0] == 0)  # zero is exact
+
+
+@pytest.mark.parametrize("name, spec, used", [
+    ("uint8", "q8", "lz4"), ("int64", "q8+lz4", "lz4"), ("bool", "q8c", "lz4"),
+    ("empty", "q8", "raw"), ("float16", "q8", "q8"), ("int32", "q8c+lz4", "lz4"),
+    ("scalar", "q8c", "q8"), ("float64", "q8c:5", "q8"),  # no such axis: per tensor
+    ("activation-4d", "q8c:-1+lz4", "q8c:-1+lz4"),
+])
+def test_q8_fallbacks_are_recorded_on_the_wire(name, spec, used):
+    assert encode_tensor("t", ARRAYS[name], spec).codec == used
+
+
+def test_q8_sends_a_quarter_of_float32_and_per_channel_is_tighter():
+    rng = np.random.default_rng(1)
+    # Channels of very different ranges: one scale per channel keeps the small ones precise.
+    array = (rng.standard_normal((1, 8, 16, 16)) * np.logspace(-3, 1, 8)[None, :, None, None])
+    array = array.astype(np.float32)
+    tensor, channel = encode_tensor("t", array, "q8"), encode_tensor("t", array, "q8c")
+    assert tensor.nbytes == array.size + 5 and channel.nbytes == array.size + 5 * 8
+    small = slice(0, 1)
+    err = {w.codec: np.abs(decode_tensor(w)[:, small] - array[:, small]).max()
+           for w in (tensor, channel)}
+    assert err["q8c"] < err["q8"] / 100
+
+
+def test_q8_falls_back_to_lz4_on_inf_or_nan():
+    array = np.array([1.0, np.inf, -2.0, np.nan], dtype=np.float32)
+    wire = encode_tensor("t", array, "q8")
+    assert wire.codec == "lz4"
+    assert np.array_equal(decode_tensor(wire), array, equal_nan=True)
+    assert error_bound("q8", array) == float("inf")
+
+
+def test_q8_specs_normalise_and_are_lossy():
+    assert parse_codec("Q8C:1+LZ4").spec == "q8c+lz4"
+    assert parse_codec("q8c:-1").spec == "q8c:-1" and parse_codec("q8").axis is None
+    assert not parse_codec("q8").lossless and max_abs_error("q8+lz4") == float("inf")
+
+
+@pytest.mark.parametrize("spec", ["q8:1", "q8c:x", "q8c:", "q8+zfp", "q16", "q8+lz4+lz4"])
+def test_bad_q8_specs_name_the_accepted_forms(spec):
+    with pytest.raises(UsageError, match="codec"):
+        parse_codec(spec)
+
+
+@pytest.mark.parametrize("spec", Q8_SPECS)
+def test_corrupt_q8_payloads_raise_codec_error(spec):
+    array = ARRAYS["activation-4d"]
+    wire = encode_tensor("t", array, spec)
+    data = bytes(wire.data)
+    for bad in (data[: len(data) // 2], data[:3], b"", data + b"\x00" * 9):
+        with pytest.raises(CodecError):
+            decode_tensor(p.WireTensor("t", "float32", array.shape, wire.codec, bad, wire.inner))
+    nan_scale = bytearray(data if not spec.endswith("lz4") else b"")
+    if nan_scale:
+        nan_scale[:4] = np.float32(np.nan).tobytes()
+        with pytest.raises(CodecError, match="scale"):
+            decode_tensor(p.WireTensor("t", "float32", array.shape, wire.codec, nan_scale))
+    with pytest.raises(CodecError):  # a payload for another shape or a non-float dtype
+        decode_tensor(p.WireTensor("t", "float32", (1, 14, 14, 31), wire.codec, data,
+                                   wire.inner))
+    with pytest.raises(CodecError, match="float"):
+        decode_tensor(p.WireTensor("t", "int32", array.shape, "q8c:7", data))
+
+
+@settings(max_examples=80, deadline=None)
+@given(hnp.arrays(st.sampled_from([np.float32, np.float64]),
+                  hnp.array_shapes(max_dims=4, max_side=9),
+                  elements=st.floats(-1e4, 1e4, width=32)),
+       st.sampled_from(["q8", "q8c", "q8c:-1+lz4", "q8+lz4"]))
+def test_q8_holds_its_documented_bound(array, spec):
+    back = decode_tensor(encode_tensor("t", array, spec))
+    bound = error_bound(spec, array)
+    span = max(float(array.max(initial=0.0)), 0.0) - min(float(array.min(initial=0.0)), 0.0)
+    assert bound <= span / 510 * (1 + 1e-6) + 1e-30  # scale / 2 = range / 510
+    assert np.max(np.abs(back - array), initial=0.0) <= bound + _q8_slack(array)
