@@ -20,13 +20,18 @@ def _memory(m: StageMemory, a: int, b: int) -> float:
     return sum(m.weight_bytes[w] for w in weights) + m.received[a] + sum(m.produced[a:b])
 
 
+def _per_stage(value, s: int):
+    return value[s] if isinstance(value, list) else value
+
+
 def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
     # Written out independently of Problem.times on purpose.
     compute = p.compute[s] if p.compute.ndim == 2 else p.compute
     work = (sum(compute[a:b]) + p.enter[a] + p.leave[b]) / p.speeds[s]
-    transfer = p.cut_bytes[a] / p.bandwidth if p.bandwidth else 0.0
-    t = (max(work, transfer) if p.overlap else work + transfer) + p.latency
-    if p.memory is not None and _memory(p.memory, a, b) > p.memory_cap:
+    bandwidth, cap = _per_stage(p.bandwidth, s), _per_stage(p.memory_cap, s)
+    transfer = p.cut_bytes[a] / bandwidth if bandwidth else 0.0
+    t = (max(work, transfer) if p.overlap else work + transfer) + _per_stage(p.latency, s)
+    if p.memory is not None and cap is not None and _memory(p.memory, a, b) > cap:
         return float("inf")
     return t
 
@@ -65,8 +70,12 @@ def problems(draw):
                                        max_size=n_nodes + 1)), dtype=float)
     speeds = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=n_stages,
                            max_size=n_stages))
-    bandwidth = draw(st.sampled_from([None, 0.5, 1.0, 4.0]))
-    latency = draw(st.sampled_from([0.0, 0.25]))
+    per_link = draw(st.booleans())  # each stage's incoming link measured on its own
+    links = st.lists(st.sampled_from([None, 0.5, 1.0, 4.0]), min_size=n_stages,
+                     max_size=n_stages)
+    bandwidth = draw(links) if per_link else draw(st.sampled_from([None, 0.5, 1.0, 4.0]))
+    latencies = st.lists(st.sampled_from([0.0, 0.25]), min_size=n_stages, max_size=n_stages)
+    latency = draw(latencies) if per_link else draw(st.sampled_from([0.0, 0.25]))
     memory = cap = None
     if draw(st.booleans()):
         rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -76,7 +85,9 @@ def problems(draw):
                         for _ in range(n_nodes)],
             weight_bytes=rng.integers(0, 4, n_weights), produced=rng.integers(0, 3, n_nodes),
             received=rng.integers(0, 3, n_nodes + 1))
-        cap = draw(st.floats(2.0, 12.0))
+        caps = st.floats(2.0, 12.0)
+        cap = (draw(st.lists(st.one_of(st.none(), caps), min_size=n_stages, max_size=n_stages))
+               if draw(st.booleans()) else draw(caps))
     cut_cost = st.lists(st.sampled_from([0.0, 0.0, 0.5, 2.0]), min_size=n_nodes + 1,
                         max_size=n_nodes + 1)
     enter, leave = np.array(draw(cut_cost)), np.array(draw(cut_cost))

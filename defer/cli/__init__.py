@@ -20,6 +20,7 @@ from defer.errors import DeferError
 COMMANDS = {
     "compile": "defer.cli.compile_cmd:compile_command",
     "inspect": "defer.cli.compile_cmd:inspect_command",
+    "plan": "defer.cli.plan_cmd:plan_command",
     "serve": "defer.cli.runtime_cmd:serve",
     "dispatch": "defer.cli.runtime_cmd:dispatch",
     "run": "defer.cli.runtime_cmd:run",
@@ -59,6 +60,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     \b
     defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX stages
     defer inspect DIR                  show the plan of a compiled model
+    defer plan MODEL --cluster C       what k devices, codecs, one more device would give
     defer serve [BUNDLE]               run one stage on this node
     defer dispatch --manifest M ...    stream inputs through a chain of nodes
     defer run                          everything on this machine, built-in example

@@ -13,28 +13,31 @@ import numpy as np
 
 
 def stab_max(values: np.ndarray, reach: np.ndarray | None) -> np.ndarray:
-    """out[b] = max values[a] over a < b <= reach[a] (reach None: over every a < b)."""
-    size = len(values)
-    out = np.full(size, -np.inf)
+    """out[b] = max values[a] over a < b <= reach[a] (reach None: over every a < b).
+
+    `values` may be (rows, N+1): every row is answered at once (the placement's sweeps)."""
+    size = values.shape[-1]
+    rows = values.reshape(-1, size)
+    out = np.full(rows.shape, -np.inf)
     if reach is None:
-        out[1:] = np.maximum.accumulate(values[:-1])
-        return out
+        out[:, 1:] = np.maximum.accumulate(rows[:, :-1], axis=1)
+        return out.reshape(values.shape)
     lo, hi = np.arange(size) + 1, np.minimum(reach, size - 1)
-    live = (hi >= lo) & (values > -np.inf)
-    lo, hi, vals = lo[live], hi[live], values[live]
+    live = (hi >= lo) & np.any(rows > -np.inf, axis=0)
+    lo, hi, vals = lo[live], hi[live], rows[:, live]
     if len(lo) == 0:
-        return out
+        return out.reshape(values.shape)
     levels = int(size).bit_length()
-    table = np.full((levels, size), -np.inf)
+    table = np.full((len(rows), levels, size), -np.inf)
     k = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
-    np.maximum.at(table, (k, lo), vals)
-    np.maximum.at(table, (k, hi - (1 << k) + 1), vals)
+    np.maximum.at(table, (slice(None), k, lo), vals)
+    np.maximum.at(table, (slice(None), k, hi - (1 << k) + 1), vals)
     for level in range(levels - 1, 0, -1):
         half = 1 << (level - 1)
-        below = table[level - 1]
-        np.maximum(below, table[level], out=below)
-        np.maximum(below[half:], table[level, : size - half], out=below[half:])
-    return table[0]
+        below = table[:, level - 1]
+        np.maximum(below, table[:, level], out=below)
+        np.maximum(below[:, half:], table[:, level, : size - half], out=below[:, half:])
+    return table[:, 0].reshape(values.shape)
 
 
 def range_min_after(values: np.ndarray, reach: np.ndarray | None) -> np.ndarray:

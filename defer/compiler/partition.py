@@ -3,10 +3,11 @@
 Stage s covers ops [a, b) and runs on a device of relative speed speeds[s]:
 
     time(s, a, b) = (compute_s[a:b] + enter[a] + leave[b]) / speeds[s]
-                    + cut_bytes[a] / bandwidth + latency
+                    + cut_bytes[a] / bandwidth_s + latency_s
 
 `compute` is one (N,) vector of seconds per op, or one such vector per stage (a heterogeneous
-fleet, each device costed on itself). `cut_bytes[a]` is what crosses into the stage (for stage
+fleet, each device costed on itself). `bandwidth`, `latency` and `memory_cap` are one value for
+every stage, or one per stage (stage s's incoming link, its device's memory). `cut_bytes[a]` is what crosses into the stage (for stage
 0, the model inputs); `enter`/`leave` are the extra seconds of starting / ending a stage at a cut
 (layout reorders, broken fusions, codec work, per-message costs), zero when unknown. With
 `overlap`, a device receives while it computes, so the stage takes
@@ -27,6 +28,7 @@ that never hold a matrix over all (a, b) pairs:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,14 +47,15 @@ class Problem:
     compute: np.ndarray  # (N,) seconds per op at speed 1, or (n_stages, N): one per device
     cut_bytes: np.ndarray  # (N+1,) bytes crossing a cut before op k
     speeds: list[float]  # one per stage, chain order
-    bandwidth: float | None = None  # bytes/s; None = unlimited
-    latency: float = 0.0  # seconds per hop
+    bandwidth: float | None | Sequence[float | None] = None  # bytes/s; None = unlimited
+    latency: float | Sequence[float] = 0.0  # seconds per hop
     memory: StageMemory | None = None  # what a stage [a, b) holds
-    memory_cap: float | None = None
+    memory_cap: float | None | Sequence[float | None] = None
     enter: np.ndarray | None = None  # (N+1,) seconds at speed 1
     leave: np.ndarray | None = None  # (N+1,)
     overlap: bool = False  # transfer overlaps compute: max instead of sum
     _prefix: list[np.ndarray] = field(init=False, repr=False, compare=False)
+    _reach: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.compute = np.asarray(self.compute, dtype=float)
@@ -62,6 +65,11 @@ class Problem:
         if self.compute.ndim == 2 and len(self.compute) != len(self.speeds):
             raise PlanError(f"{len(self.compute)} compute vectors for {len(self.speeds)} stages; "
                             "give one per stage")
+        for name in ("bandwidth", "latency", "memory_cap"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and len(value) != len(self.speeds):
+                raise PlanError(f"{len(value)} values of {name} for {len(self.speeds)} stages; "
+                                "give one, or one per stage")
 
     @property
     def n_ops(self) -> int:
@@ -85,21 +93,35 @@ class Problem:
             work = work + self.leave[b]
         return work
 
-    def transfer(self, a):
-        return self.cut_bytes[a] / self.bandwidth if self.bandwidth else 0.0 * self.cut_bytes[a]
+    def of_stage(self, name: str, stage: int):
+        """A per-stage field (bandwidth, latency, memory_cap) for `stage`."""
+        value = getattr(self, name)
+        return value[stage] if isinstance(value, Sequence) else value
+
+    def transfer(self, a, stage: int = 0):
+        bandwidth = self.of_stage("bandwidth", stage)
+        return self.cut_bytes[a] / bandwidth if bandwidth else 0.0 * self.cut_bytes[a]
 
     def times(self, stage: int, a, b):
         """time(stage, a, b) for scalars or broadcast arrays of starts and ends."""
         compute = self.work(stage, a, b) / self.speeds[stage]
+        latency = self.of_stage("latency", stage)
         if self.overlap:
-            return np.maximum(compute, self.transfer(a)) + self.latency
-        return compute + self.transfer(a) + self.latency
+            return np.maximum(compute, self.transfer(a, stage)) + latency
+        return compute + self.transfer(a, stage) + latency
 
-    def reach(self) -> np.ndarray | None:
-        """Per start, the last end under the memory cap (None: no cap)."""
-        if self.memory is None or self.memory_cap is None:
+    def reach(self, stage: int = 0) -> np.ndarray | None:
+        """Per start, the last end under the stage's memory cap (None: no cap)."""
+        cap = self.of_stage("memory_cap", stage)
+        if self.memory is None or cap is None:
             return None
-        return self.memory.reach(self.memory_cap)
+        if cap not in self._reach:
+            self._reach[cap] = self.memory.reach(cap)
+        return self._reach[cap]
+
+    def fits(self, stage: int, a: int, b: int) -> bool:
+        cap = self.of_stage("memory_cap", stage)
+        return self.memory is None or cap is None or self.memory.of(a, b) <= cap
 
 
 @dataclass
@@ -145,12 +167,10 @@ def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Pla
     """The plan that cuts at `bounds` (0 = b_0 < ... < b_n = N), with its predicted times."""
     times = []
     fits = True
-    cap = problem.memory_cap
     for s in range(problem.n_stages):
         a, b = bounds[s], bounds[s + 1]
         times.append(float(problem.times(s, a, b)) if a < b else float("inf"))
-        if a < b and problem.memory is not None and cap is not None:
-            fits = fits and problem.memory.of(a, b) <= cap
+        fits = fits and (a >= b or problem.fits(s, a, b))
     wire = int(sum(problem.cut_bytes[k] for k in bounds[1:-1]))
     return Plan(strategy, list(bounds), times, wire, _ideal(problem), fits)
 
@@ -158,11 +178,18 @@ def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Pla
 def balanced(problem: Problem) -> Plan:
     """The exact optimum: minimal bottleneck, then fewest wire bytes, then lowest total time."""
     _check_sizes(problem)
-    reach = problem.reach()
+    reach = [problem.reach(s) for s in range(problem.n_stages)]
     bound = _optimal_bottleneck(problem, reach)
     limit = bound * (1 + _REL_EPS) + 1e-15
     bounds = _min_bytes_then_latency(problem, reach, limit)
     return evaluate(problem, bounds, "balanced")
+
+
+def feasible(problem: Problem, limit: float) -> bool:
+    """Whether some plan keeps every stage at or under `limit` (one forward sweep)."""
+    _check_sizes(problem)
+    reach = [problem.reach(s) for s in range(problem.n_stages)]
+    return _feasible(problem, reach, limit * (1 + _REL_EPS) + 1e-15)
 
 
 def equal_layers(problem: Problem) -> Plan:
@@ -184,25 +211,26 @@ def _check_sizes(problem: Problem) -> None:
 # --- pass 1: the optimal bottleneck ---------------------------------------------------------
 
 
-def _thresholds(problem: Problem, stage: int, limit: float) -> np.ndarray:
-    """thr[a]: a stage starting at a ends in time at b iff prefix[b] + leave[b] <= thr[a]."""
-    speed = problem.speeds[stage]
+def thresholds(problem: Problem, stage: int, limit: float) -> np.ndarray:
+    """thr[a]: a stage starting at a ends in time at b iff end_costs(b) <= thr[a]."""
+    speed, latency = problem.speeds[stage], problem.of_stage("latency", stage)
     start = problem.prefix(stage) - (problem.enter if problem.enter is not None else 0.0)
-    transfer = problem.transfer(np.arange(problem.n_ops + 1))
+    transfer = problem.transfer(np.arange(problem.n_ops + 1), stage)
     if problem.overlap:
-        thr = (limit - problem.latency) * speed + start
-        thr = np.where(transfer + problem.latency <= limit, thr, -np.inf)
+        thr = (limit - latency) * speed + start
+        thr = np.where(transfer + latency <= limit, thr, -np.inf)
     else:
-        thr = (limit - problem.latency - transfer) * speed + start
+        thr = (limit - latency - transfer) * speed + start
     thr[-1] = -np.inf  # no stage starts after the last op
     return thr
 
 
-def _ends(problem: Problem, stage: int) -> np.ndarray:
+def end_costs(problem: Problem, stage: int) -> np.ndarray:
+    """(N+1,) what a stage ending at b needs of thresholds(): prefix[b] + leave[b]."""
     return problem.prefix(stage) + (problem.leave if problem.leave is not None else 0.0)
 
 
-def _forward(problem: Problem, reach: np.ndarray | None, limit: float,
+def _forward(problem: Problem, reach: list[np.ndarray | None], limit: float,
              keep: bool = False) -> list[np.ndarray]:
     """Positions reachable after each number of stages, every stage taking <= limit."""
     size = problem.n_ops + 1
@@ -210,9 +238,9 @@ def _forward(problem: Problem, reach: np.ndarray | None, limit: float,
     reached[0] = True
     sets = [reached]
     for s in range(problem.n_stages):
-        thr = np.where(reached, _thresholds(problem, s, limit), -np.inf)
-        best = stab_max(thr, reach)  # best[b] = max thr[a] over starts a < b <= reach[a]
-        reached = _ends(problem, s) <= best
+        thr = np.where(reached, thresholds(problem, s, limit), -np.inf)
+        best = stab_max(thr, reach[s])  # best[b] = max thr[a] over starts a < b <= reach[a]
+        reached = end_costs(problem, s) <= best
         reached[0] = False
         if keep:
             sets.append(reached)
@@ -221,26 +249,26 @@ def _forward(problem: Problem, reach: np.ndarray | None, limit: float,
     return sets if keep else [reached]
 
 
-def _backward(problem: Problem, reach: np.ndarray | None, limit: float) -> list[np.ndarray]:
+def _backward(problem: Problem, reach: list[np.ndarray | None],
+              limit: float) -> list[np.ndarray]:
     """Positions from which stages s.. can still finish at N, every stage taking <= limit."""
     size = problem.n_ops + 1
     can = np.zeros(size, dtype=bool)
     can[-1] = True
     sets = [can]
     for s in reversed(range(problem.n_stages)):
-        ends = np.where(can, _ends(problem, s), np.inf)
-        best = range_min_after(ends, reach)  # min ends[b] over a < b <= reach[a]
-        can = _thresholds(problem, s, limit) >= best
+        best = range_min_after(np.where(can, end_costs(problem, s), np.inf), reach[s])
+        can = thresholds(problem, s, limit) >= best  # best[a] = min ends[b], a < b <= reach[a]
         sets.append(can)
     return sets[::-1]
 
 
-def _feasible(problem: Problem, reach: np.ndarray | None, limit: float) -> bool:
+def _feasible(problem: Problem, reach: list[np.ndarray | None], limit: float) -> bool:
     last = _forward(problem, reach, limit)[-1]
     return bool(last[-1])
 
 
-def _optimal_bottleneck(problem: Problem, reach: np.ndarray | None) -> float:
+def _optimal_bottleneck(problem: Problem, reach: list[np.ndarray | None]) -> float:
     hi = _upper_bound(problem)
     if not _feasible(problem, reach, hi):
         raise PlanError(_infeasible_message(problem))
@@ -259,17 +287,20 @@ def _optimal_bottleneck(problem: Problem, reach: np.ndarray | None) -> float:
 def _upper_bound(problem: Problem) -> float:
     """A time no stage can exceed: all ops, the worst cut costs, the worst transfer."""
     extra = sum(float(np.max(x)) for x in (problem.enter, problem.leave) if x is not None)
-    compute = max((problem.prefix(s)[-1] + extra) / problem.speeds[s]
-                  for s in range(problem.n_stages))
-    transfer = float(np.max(problem.transfer(np.arange(problem.n_ops + 1))))
-    total = max(compute, transfer) if problem.overlap else compute + transfer
-    return (total + problem.latency) * (1 + 1e-9) + 1e-300
+    every = np.arange(problem.n_ops + 1)
+    worst = 0.0
+    for s in range(problem.n_stages):
+        compute = (problem.prefix(s)[-1] + extra) / problem.speeds[s]
+        transfer = float(np.max(problem.transfer(every, s)))
+        total = max(compute, transfer) if problem.overlap else compute + transfer
+        worst = max(worst, total + problem.of_stage("latency", s))
+    return worst * (1 + 1e-9) + 1e-300
 
 
 # --- pass 2: fewest bytes, then lowest total, under the bottleneck --------------------------
 
 
-def _min_bytes_then_latency(problem: Problem, reach: np.ndarray | None,
+def _min_bytes_then_latency(problem: Problem, reach: list[np.ndarray | None],
                             limit: float) -> list[int]:
     loose = limit * (1 + 1e-12)  # prune with a superset of what the exact check accepts
     forward = _forward(problem, reach, loose, keep=True)
@@ -290,8 +321,8 @@ def _min_bytes_then_latency(problem: Problem, reach: np.ndarray | None,
             a, b = block_starts[:, None], block_ends[None, :]
             times = problem.times(s, a, b)
             ok = (a < b) & (times <= limit)
-            if reach is not None:
-                ok &= b <= reach[a]
+            if reach[s] is not None:
+                ok &= b <= reach[s][a]
             cand_bytes = np.where(ok, cost_bytes[a] + wire[a], np.inf)
             best_bytes = cand_bytes.min(axis=0)
             cand_time = np.where(ok & (cand_bytes == best_bytes), cost_time[a] + times, np.inf)
@@ -320,7 +351,7 @@ def _blocks(problem: Problem, stage: int, starts: np.ndarray, ends: np.ndarray, 
     if len(starts) == 0 or len(ends) == 0:
         return
     prefix = problem.prefix(stage)
-    span = (limit - problem.latency) * problem.speeds[stage] * (1 + 1e-9)
+    span = (limit - problem.of_stage("latency", stage)) * problem.speeds[stage] * (1 + 1e-9)
     first = np.searchsorted(prefix[starts], prefix[ends] - span, side="left")
     last = np.searchsorted(starts, ends, side="left")  # starts < end
     i = 0
@@ -344,9 +375,11 @@ def _ideal(problem: Problem) -> float:
 
 
 def _infeasible_message(problem: Problem) -> str:
-    if problem.memory is not None and problem.memory_cap is not None:
+    caps = [c for c in (problem.of_stage("memory_cap", s) for s in range(problem.n_stages))
+            if c is not None]
+    if problem.memory is not None and caps:
         smallest = problem.memory.smallest_stage()
-        return (f"no plan fits the memory cap of {problem.memory_cap / 2**20:.1f} MiB per device "
+        return (f"no plan fits the memory cap of {max(caps) / 2**20:.1f} MiB per device "
                 f"(the smallest single stage needs {smallest / 2**20:.1f} MiB); "
                 "raise --memory or use more devices")
     return "no feasible plan; check the speeds and the number of stages"
