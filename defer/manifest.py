@@ -11,7 +11,9 @@ tensors its bundle consumes (`inputs`) to its engine, and *sends* its bundle `ou
 The last stage sends the model outputs back to the dispatcher. `format` says which engine runs
 the bundle (`onnx` or `tflite`). `codec` is the activation codec of every hop. A bundle too big
 for one protobuf (2 GB) keeps its weights in `data_file` beside it, hashed as `data_sha256`
-(both empty for a self-contained bundle; optional fields, added within schema 2).
+(both empty for a self-contained bundle; optional fields, added within schema 2). A plan made
+for a measured fleet (`compile --cluster`) records the device each stage was placed on as
+`device` (its address; "" when the plan is for no particular device; optional, schema 2).
 
 Changes from schema 1: `n_nodes`/`first_node`/`last_node` became `n_ops`/`first_op`/`last_op`
 (stage and model); `codec` is one spec string (the per-hop override nothing wrote is gone);
@@ -57,6 +59,7 @@ class StageSpec:
     format: str = "onnx"
     data_file: str = ""  # external weights beside a bundle over 2 GB ("" = self-contained)
     data_sha256: str = ""
+    device: str = ""  # address of the device the plan placed this stage on ("" = any)
 
     @property
     def sends(self) -> list[str]:
@@ -95,6 +98,12 @@ class Manifest:
     @functools.cached_property
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec.from_dict(t) for t in self.model["outputs"]]
+
+    @property
+    def devices(self) -> list[str] | None:
+        """The device address of every stage, if the plan placed the stages (else None)."""
+        found = [s.device for s in self.stages]
+        return found if all(found) else None
 
     def bundle_path(self, stage: int) -> Path:
         base = self.path.parent if self.path else Path(".")

@@ -69,8 +69,12 @@ def serve(token: str | None, token_file: Path | None, **fields) -> None:
 @click.option("--manifest", "manifest_path", required=True,
               type=click.Path(exists=True, path_type=Path),
               help="manifest.json, or the bundle folder holding it.")
-@click.option("--nodes", required=True, metavar="H:P,H:P,...",
-              help="Node addresses in stage order, comma-separated ([v6]:port for IPv6).")
+@click.option("--nodes", default=None, metavar="H:P,H:P,...",
+              help="Node addresses in stage order, comma-separated ([v6]:port for IPv6).  "
+                   "[default: the devices the manifest's plan placed its stages on]")
+@click.option("--cluster", "cluster_path", type=_file(), default=None,
+              help="cluster.json the plan was made for: its nodes outside the chain become "
+                   "--spares, and the chain's nodes must be in it.  [default: none]")
 @click.option("--input", "input_path", type=_file(), default=None,
               help="x.npy or x.npz (one array per input name); one input or a stack along a "
                    "new first axis, read one sample at a time.  [default: seeded random inputs]")
@@ -97,10 +101,13 @@ def serve(token: str | None, token_file: Path | None, **fields) -> None:
               help="Connect to nodes with TLS, verifying them against this CA or self-signed "
                    "certificate (PEM).  [default: plain TCP]")
 @heartbeat_option
-def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
-             output_path: Path | None, report_path: Path | None, seed: int, spares: str,
-             token: str | None, token_file: Path | None, **fields) -> None:
-    """Stream inputs through a chain of running `defer serve` nodes and report."""
+def dispatch(manifest_path: Path, nodes: str | None, cluster_path: Path | None,
+             input_path: Path | None, count: int | None, output_path: Path | None,
+             report_path: Path | None, seed: int, spares: str, token: str | None,
+             token_file: Path | None, **fields) -> None:
+    """Stream inputs through a chain of running `defer serve` nodes and report.
+
+    The chain is --nodes, or the devices `defer compile --cluster` placed the stages on."""
     from defer.address import parse_address_list
     from defer.errors import UsageError
     from defer.manifest import load_manifest
@@ -109,6 +116,7 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
     from defer.runtime.report import format_report
 
     manifest = load_manifest(manifest_path)
+    chain, spare_nodes = _chain(manifest, nodes, cluster_path, parse_address_list(spares))
     if count is not None and count < 1:
         raise UsageError(f"--count {count}: need at least 1")
     if input_path is not None:
@@ -119,10 +127,10 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
         count = count or 100
         samples = random_stream(manifest.inputs, count, seed)
     first = next(samples)  # a wrong input fails before any connection
-    options = DispatchOptions(spares=tuple(parse_address_list(spares)),
-                              token=resolve_token(token, token_file), **fields)
+    options = DispatchOptions(spares=tuple(spare_nodes), token=resolve_token(token, token_file),
+                              **fields)
     writer = OutputWriter(output_path, count) if output_path is not None else None
-    with Dispatcher(manifest, parse_address_list(nodes), options) as dispatcher:
+    with Dispatcher(manifest, chain, options) as dispatcher:
         for outputs in dispatcher.map(itertools.chain([first], samples)):
             if writer is not None:
                 writer.append(outputs)
@@ -134,6 +142,29 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
     click.echo(f"  dispatcher peak RSS {stats['dispatcher_peak_rss_mb']:.0f} MB")
     if report_path is not None:
         report_path.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def _chain(manifest, nodes: str | None, cluster_path: Path | None,
+           spares: list[str]) -> tuple[list[str], list[str]]:
+    """The chain's addresses and the spares, from --nodes or the manifest's placed devices;
+    with a cluster.json, its other nodes are spares too."""
+    from defer.address import parse_address_list
+    from defer.cluster import load_cluster
+    from defer.errors import UsageError
+
+    chain = parse_address_list(nodes) if nodes else manifest.devices
+    if not chain:
+        raise UsageError("which nodes? pass --nodes H:P,... (the manifest's plan was not placed "
+                         "on devices: compile with --cluster to record them)")
+    if cluster_path is None:
+        return chain, spares
+    cluster = load_cluster(cluster_path)
+    known = [n.address for n in cluster.nodes]
+    strangers = [a for a in chain if a not in known]
+    if strangers:
+        raise UsageError(f"{', '.join(strangers)} not in {cluster_path}; profile them with "
+                         "`defer profile`, or drop --cluster")
+    return chain, [*spares, *(a for a in known if a not in chain and a not in spares)]
 
 
 @click.command("run")
