@@ -27,7 +27,9 @@ def _per_stage(value, s: int):
 def _stage_time(p: Problem, s: int, a: int, b: int) -> float:
     # Written out independently of Problem.times on purpose.
     compute = p.compute[s] if p.compute.ndim == 2 else p.compute
-    work = (sum(compute[a:b]) + p.enter[a] + p.leave[b]) / p.speeds[s]
+    enter = p.enter[s] if p.enter.ndim == 2 else p.enter
+    leave = p.leave[s] if p.leave.ndim == 2 else p.leave
+    work = (sum(compute[a:b]) + enter[a] + leave[b]) / p.speeds[s]
     bandwidth, cap = _per_stage(p.bandwidth, s), _per_stage(p.memory_cap, s)
     transfer = p.cut_bytes[a] / bandwidth if bandwidth else 0.0
     t = (max(work, transfer) if p.overlap else work + transfer) + _per_stage(p.latency, s)
@@ -90,7 +92,10 @@ def problems(draw):
                if draw(st.booleans()) else draw(caps))
     cut_cost = st.lists(st.sampled_from([0.0, 0.0, 0.5, 2.0]), min_size=n_nodes + 1,
                         max_size=n_nodes + 1)
-    enter, leave = np.array(draw(cut_cost)), np.array(draw(cut_cost))
+    rows = n_stages if per_device else 1  # a device's own cut costs too
+    enter = np.array([draw(cut_cost) for _ in range(rows)])
+    leave = np.array([draw(cut_cost) for _ in range(rows)])
+    enter, leave = (enter, leave) if per_device else (enter[0], leave[0])
     overlap = draw(st.booleans())
     return Problem(compute, cut_bytes, speeds, bandwidth, latency, memory, cap, enter, leave,
                    overlap)

@@ -21,7 +21,7 @@ def _stage(f: Fleet, source: int, d: int, a: int, b: int) -> float:
     # Written out from fleet.py's docstring, independently of Fleet.problem and Problem.times.
     if f.bandwidth[source, d] <= 0:
         return np.inf
-    work = f.compute[d, a:b].sum() + f.slowness[d] * (f.enter[a] + f.leave[b])
+    work = f.compute[d, a:b].sum() + f.enter[d, a] + f.leave[d, b]
     if b == f.n_ops:  # the last stage also sends the results home
         if f.bandwidth[d, f.dispatcher] <= 0:
             return np.inf
@@ -69,7 +69,7 @@ def fleets(draw):
                               for _ in range(n_ops)], rng.integers(0, 4, n_weights),
                              rng.integers(0, 3, n_ops), rng.integers(0, 3, n_ops + 1))
         caps = [None if rng.random() < 0.3 else float(rng.integers(3, 12)) for _ in range(m)]
-    cut_cost = rng.choice([0.0, 0.0, 0.5], (2, n_ops + 1))
+    cut_cost = rng.choice([0.0, 0.0, 0.5], (2, m, n_ops + 1))  # each device its own
     return Fleet([f"10.0.0.{i}:7000" for i in range(m)], compute, slowness, bandwidth,
                  latency, caps, cut_bytes, cut_cost[0], cut_cost[1], memory,
                  draw(st.booleans()))
@@ -103,7 +103,7 @@ def _fleet(compute, bandwidth=None, n_ops=None, cut=1e6, **changes) -> Fleet:
     fields = dict(names=[f"10.0.0.{i}:7000" for i in range(m)], compute=compute,
                   slowness=np.ones(m), bandwidth=bw, latency=np.zeros((m + 1, m + 1)),
                   memory_cap=[None] * m, cut_bytes=np.full(n_ops + 1, cut),
-                  enter=np.zeros(n_ops + 1), leave=np.zeros(n_ops + 1))
+                  enter=np.zeros((m, n_ops + 1)), leave=np.zeros((m, n_ops + 1)))
     fields.update(changes)
     return Fleet(**fields)
 

@@ -6,10 +6,13 @@
   (keyed by op name; a constant-only op's cost goes to its first consumer, as the local
   profile does). Ops a node did not time are filled in from this machine's costs scaled by the
   node's *slowness* (its seconds / this machine's over the ops both timed); a node that timed
-  less than 90% of the model's work was profiled for another model, a PlanError. The costs of
-  cutting and of the codec (`enter`/`leave`, measured here) are scaled by the same slowness
-  when this machine's op costs were measured too (with a FLOP estimate here, the ratio means
-  nothing, and they are priced as on this machine: `Fleet.slowness` is then 1).
+  less than 90% of the model's work was profiled for another model, a PlanError.
+- per device, the seconds of starting and of ending a stage at each cut (`enter`/`leave`):
+  the costs of cutting and of the codec measured here, times the slowness (when this
+  machine's op costs were measured too; with a FLOP estimate here the ratio means nothing and
+  they are priced as on this machine), plus the node's own per-message and per-byte costs of
+  a hop if cluster.json has them (`hop_cost`: `per_message_s` once per stage, `per_byte_s` on
+  the bytes in and the bytes out).
 - per ordered pair of ends (devices and the dispatcher), the link's measured bandwidth and one
   way latency (rtt / 2). A link cluster.json does not list is not used, unless a default
   bandwidth is given (`--bandwidth`, with `--latency`), which then prices it.
@@ -17,11 +20,11 @@
 
 Stage s of a chain runs on device d after `source` (the dispatcher for s = 0) and takes
 
-    compute_d[a:b] + slowness_d * (enter[a] + leave[b]) + cut_bytes[a] / bw(source, d) + lat
+    compute_d[a:b] + enter_d[a] + leave_d[b] + cut_bytes[a] / bw(source, d) + lat
     (+ cut_bytes[N] / bw(d, dispatcher) + its latency, for the last stage: the results' trip)
 
-which is partition.py's stage time with per-stage compute vectors, speeds 1 / slowness and
-per-stage links (the return trip rides in `leave[N]`, so `--overlap` counts it as compute).
+which is partition.py's stage time with per-stage compute and cut-cost vectors, speed 1 and
+per-stage links (the return trip rides in `leave_d[N]`, so `--overlap` counts it as compute).
 `Fleet.problem(order)` is the partitioning Problem of one device order; `Fleet.pair(source,
 device)` the one-stage Problem the placement's sweeps use.
 """
@@ -52,13 +55,13 @@ MIN_COVERAGE = 0.9  # share of the model's work a node must have timed
 class Fleet:
     names: list[str]  # device addresses, in cluster.json's order
     compute: np.ndarray  # (m, N) seconds per op on each device
-    slowness: np.ndarray  # (m,) what this machine's cut and codec seconds take on each device
+    slowness: np.ndarray  # (m,) each device's seconds per second of this machine's
     bandwidth: np.ndarray  # (m+1, m+1) bytes/s from i to j; index m = dispatcher; 0 = no link
     latency: np.ndarray  # (m+1, m+1) one-way seconds
     memory_cap: list[float | None]  # per device
     cut_bytes: np.ndarray  # (N+1,) bytes on the wire at each cut; [0] inputs, [N] outputs
-    enter: np.ndarray  # (N+1,) this machine's seconds of starting a stage at cut k
-    leave: np.ndarray  # (N+1,) ... of ending one there
+    enter: np.ndarray  # (m, N+1) seconds of starting a stage at cut k, on each device
+    leave: np.ndarray  # (m, N+1) ... of ending one there
     memory: StageMemory | None = None
     overlap: bool = False
     codec: str = "raw"
@@ -105,31 +108,30 @@ class Fleet:
             raise PlanError(f"no measured link {', '.join(missing)}; run `defer profile` with "
                             "these nodes, or pass --bandwidth to price unmeasured links")
         sources = [self.dispatcher, *order[:-1]]
-        slow = self.slowness[order]
+        leave = self.leave[order]
+        leave[-1] = self._leave(order[-1])
         return Problem(
-            compute=self.compute[order] / slow[:, None], cut_bytes=self.cut_bytes,
-            speeds=list(1.0 / slow), bandwidth=[float(self.bandwidth[s, d])
-                                                for s, d in zip(sources, order)],
+            compute=self.compute[order], cut_bytes=self.cut_bytes, speeds=[1.0] * len(order),
+            bandwidth=[float(self.bandwidth[s, d]) for s, d in zip(sources, order)],
             latency=[float(self.latency[s, d]) for s, d in zip(sources, order)],
             memory=self.memory, memory_cap=[self.memory_cap[d] for d in order],
-            enter=self.enter, leave=self._leave(order[-1]), overlap=self.overlap)
+            enter=self.enter[order], leave=leave, overlap=self.overlap)
 
     def pair(self, source: int, device: int) -> Problem | None:
         """The one-stage Problem of `device` fed by `source` (None: no link between them)."""
         if not self.has_link(source, device):
             return None
-        slow = float(self.slowness[device])
         return Problem(
-            compute=self.compute[device] / slow, cut_bytes=self.cut_bytes, speeds=[1.0 / slow],
+            compute=self.compute[device], cut_bytes=self.cut_bytes, speeds=[1.0],
             bandwidth=float(self.bandwidth[source, device]),
             latency=float(self.latency[source, device]), memory=self.memory,
-            memory_cap=self.memory_cap[device], enter=self.enter, leave=self._leave(device),
-            overlap=self.overlap)
+            memory_cap=self.memory_cap[device], enter=self.enter[device],
+            leave=self._leave(device), overlap=self.overlap)
 
     def _leave(self, last: int) -> np.ndarray:
-        """`leave` with the results' trip home for a chain ending on `last`, at speed 1."""
-        leave = self.leave.copy()
-        leave[-1] += self.return_time(last) / self.slowness[last]
+        """`last`'s leave with the results' trip home, for a chain that ends on it."""
+        leave = self.leave[last].copy()
+        leave[-1] += self.return_time(last)
         return leave
 
     def label(self, end: int) -> str:
@@ -144,7 +146,8 @@ class Fleet:
         ends = [*devices, self.dispatcher]
         return dataclasses.replace(
             self, names=[self.names[d] for d in devices], compute=self.compute[list(devices)],
-            slowness=self.slowness[list(devices)], bandwidth=self.bandwidth[np.ix_(ends, ends)],
+            slowness=self.slowness[list(devices)], enter=self.enter[list(devices)],
+            leave=self.leave[list(devices)], bandwidth=self.bandwidth[np.ix_(ends, ends)],
             latency=self.latency[np.ix_(ends, ends)],
             memory_cap=[self.memory_cap[d] for d in devices])
 
@@ -162,6 +165,8 @@ class Fleet:
             self, names=[*self.names, name or f"another {self.names[template]}"],
             compute=np.vstack([self.compute, self.compute[template] * factor]),
             slowness=np.append(self.slowness, self.slowness[template] * factor),
+            enter=np.vstack([self.enter, self.enter[template] * factor]),
+            leave=np.vstack([self.leave, self.leave[template] * factor]),
             bandwidth=bw, latency=lat, memory_cap=[*self.memory_cap, self.memory_cap[template]])
 
 
@@ -181,10 +186,25 @@ def build_fleet(info: GraphInfo, cluster: Cluster, local: Costs, wire: WireCosts
         cut_bytes, enter, leave = wire.cut_bytes.copy(), enter + wire.decode, leave + wire.encode
     if local_input:
         cut_bytes[0] = 0.0
+    hops = [_hop_cost(node) for node in cluster.nodes]
+    enters = np.array([slow * enter + per_message + per_byte * cut_bytes
+                       for slow, (per_message, per_byte) in zip(slowness, hops)])
+    leaves = np.array([slow * leave + per_byte * cut_bytes
+                       for slow, (_, per_byte) in zip(slowness, hops)])
     caps = [_cap(node, memory) for node in cluster.nodes]
-    return Fleet(names, np.array(compute), np.array(slowness), bw, lat, caps, cut_bytes, enter,
-                 leave, info.memory() if any(c is not None for c in caps) else None, overlap,
+    return Fleet(names, np.array(compute), np.array(slowness), bw, lat, caps, cut_bytes, enters,
+                 leaves, info.memory() if any(c is not None for c in caps) else None, overlap,
                  codec)
+
+
+def _hop_cost(node: NodeProfile) -> tuple[float, float]:
+    """(seconds per message, seconds per byte) the node measured for a hop, else zeros."""
+    hop = node.extra.get("hop_cost") or {}
+    try:
+        return float(hop.get("per_message_s", 0.0)), float(hop.get("per_byte_s", 0.0))
+    except (TypeError, ValueError, AttributeError):
+        raise PlanError(f"{node.address}: malformed hop_cost in cluster.json ({hop!r:.80}); "
+                        "run `defer profile` again") from None
 
 
 def device_costs(info: GraphInfo, node: NodeProfile, local: np.ndarray) -> tuple[np.ndarray, float]:

@@ -6,8 +6,9 @@ Stage s covers ops [a, b) and runs on a device of relative speed speeds[s]:
                     + cut_bytes[a] / bandwidth_s + latency_s
 
 `compute` is one (N,) vector of seconds per op, or one such vector per stage (a heterogeneous
-fleet, each device costed on itself). `bandwidth`, `latency` and `memory_cap` are one value for
-every stage, or one per stage (stage s's incoming link, its device's memory). `cut_bytes[a]` is what crosses into the stage (for stage
+fleet, each device costed on itself); so are `enter` and `leave` ((N+1,) or one row per stage).
+`bandwidth`, `latency` and `memory_cap` are one value for every stage, or one per stage (stage
+s's incoming link, its device's memory). `cut_bytes[a]` is what crosses into the stage (for stage
 0, the model inputs); `enter`/`leave` are the extra seconds of starting / ending a stage at a cut
 (layout reorders, broken fusions, codec work, per-message costs), zero when unknown. With
 `overlap`, a device receives while it computes, so the stage takes
@@ -51,8 +52,8 @@ class Problem:
     latency: float | Sequence[float] = 0.0  # seconds per hop
     memory: StageMemory | None = None  # what a stage [a, b) holds
     memory_cap: float | None | Sequence[float | None] = None
-    enter: np.ndarray | None = None  # (N+1,) seconds at speed 1
-    leave: np.ndarray | None = None  # (N+1,)
+    enter: np.ndarray | None = None  # (N+1,) seconds at speed 1, or (n_stages, N+1)
+    leave: np.ndarray | None = None  # (N+1,) or (n_stages, N+1)
     overlap: bool = False  # transfer overlaps compute: max instead of sum
     _prefix: list[np.ndarray] = field(init=False, repr=False, compare=False)
     _reach: dict = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -62,12 +63,14 @@ class Problem:
         self.cut_bytes = np.asarray(self.cut_bytes, dtype=float)
         rows = self.compute if self.compute.ndim == 2 else [self.compute]
         self._prefix = [np.concatenate([[0.0], np.cumsum(r)]) for r in rows]
-        if self.compute.ndim == 2 and len(self.compute) != len(self.speeds):
-            raise PlanError(f"{len(self.compute)} compute vectors for {len(self.speeds)} stages; "
-                            "give one per stage")
-        for name in ("bandwidth", "latency", "memory_cap"):
+        for name in ("enter", "leave"):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=float))
+        for name in ("compute", "enter", "leave", "bandwidth", "latency", "memory_cap"):
             value = getattr(self, name)
-            if isinstance(value, Sequence) and len(value) != len(self.speeds):
+            rows = value.ndim == 2 if isinstance(value, np.ndarray) else isinstance(value,
+                                                                                    Sequence)
+            if rows and len(value) != len(self.speeds):
                 raise PlanError(f"{len(value)} values of {name} for {len(self.speeds)} stages; "
                                 "give one, or one per stage")
 
@@ -88,15 +91,22 @@ class Problem:
         prefix = self.prefix(stage)
         work = prefix[b] - prefix[a]
         if self.enter is not None:
-            work = work + self.enter[a]
+            work = work + self.of_stage("enter", stage)[a]
         if self.leave is not None:
-            work = work + self.leave[b]
+            work = work + self.of_stage("leave", stage)[b]
         return work
 
     def of_stage(self, name: str, stage: int):
-        """A per-stage field (bandwidth, latency, memory_cap) for `stage`."""
+        """A per-stage field (bandwidth, latency, memory_cap, enter, leave) for `stage`."""
         value = getattr(self, name)
+        if isinstance(value, np.ndarray):
+            return value[stage] if value.ndim == 2 else value
         return value[stage] if isinstance(value, Sequence) else value
+
+    def cut_costs(self, name: str, stage: int) -> np.ndarray | float:
+        """(N+1,) `enter` or `leave` of `stage`'s device (0.0 when not given)."""
+        value = self.of_stage(name, stage)
+        return 0.0 if value is None else value
 
     def transfer(self, a, stage: int = 0):
         bandwidth = self.of_stage("bandwidth", stage)
@@ -214,7 +224,7 @@ def _check_sizes(problem: Problem) -> None:
 def thresholds(problem: Problem, stage: int, limit: float) -> np.ndarray:
     """thr[a]: a stage starting at a ends in time at b iff end_costs(b) <= thr[a]."""
     speed, latency = problem.speeds[stage], problem.of_stage("latency", stage)
-    start = problem.prefix(stage) - (problem.enter if problem.enter is not None else 0.0)
+    start = problem.prefix(stage) - problem.cut_costs("enter", stage)
     transfer = problem.transfer(np.arange(problem.n_ops + 1), stage)
     if problem.overlap:
         thr = (limit - latency) * speed + start
@@ -227,7 +237,7 @@ def thresholds(problem: Problem, stage: int, limit: float) -> np.ndarray:
 
 def end_costs(problem: Problem, stage: int) -> np.ndarray:
     """(N+1,) what a stage ending at b needs of thresholds(): prefix[b] + leave[b]."""
-    return problem.prefix(stage) + (problem.leave if problem.leave is not None else 0.0)
+    return problem.prefix(stage) + problem.cut_costs("leave", stage)
 
 
 def _forward(problem: Problem, reach: list[np.ndarray | None], limit: float,
@@ -286,10 +296,10 @@ def _optimal_bottleneck(problem: Problem, reach: list[np.ndarray | None]) -> flo
 
 def _upper_bound(problem: Problem) -> float:
     """A time no stage can exceed: all ops, the worst cut costs, the worst transfer."""
-    extra = sum(float(np.max(x)) for x in (problem.enter, problem.leave) if x is not None)
     every = np.arange(problem.n_ops + 1)
     worst = 0.0
     for s in range(problem.n_stages):
+        extra = sum(float(np.max(problem.cut_costs(x, s))) for x in ("enter", "leave"))
         compute = (problem.prefix(s)[-1] + extra) / problem.speeds[s]
         transfer = float(np.max(problem.transfer(every, s)))
         total = max(compute, transfer) if problem.overlap else compute + transfer

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 EXACT_LIMIT = 10
 _REL_TOL = 1e-7  # the bisection's precision on the slowest stage
 _SEARCH_BUDGET = 400  # partition.balanced calls the local search may spend per placement
+WORTHWHILE = 0.02  # what one more device must add to be worth its hop (latency, a failure point)
 
 
 @dataclass
@@ -105,12 +106,14 @@ def place_each(fleet: Fleet, counts: Iterable[int] | None = None) -> dict[int, P
     return out
 
 
-def best(placements: dict[int, Placement | None]) -> Placement:
-    """The fastest of several placements (ties: fewer devices)."""
+def best(placements: dict[int, Placement | None], margin: float = WORTHWHILE) -> Placement:
+    """The chain with the fewest devices whose slowest stage is within `margin` of the
+    fastest chain's: more devices must earn their hops."""
     found = [p for _, p in sorted(placements.items()) if p is not None]
     if not found:
         raise PlanError("no chain of these devices fits the model; see `defer plan`")
-    return min(found, key=lambda p: _key(p.plan, found[0].plan))
+    fastest = min(p.bottleneck for p in found)
+    return next(p for p in found if p.bottleneck <= fastest * (1 + margin))
 
 
 # --- the exact sweep ------------------------------------------------------------------------

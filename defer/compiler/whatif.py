@@ -31,6 +31,7 @@ from defer.compiler.graph import analyse
 from defer.compiler.load import LoadedModel
 from defer.compiler.placement import (
     EXACT_LIMIT,
+    WORTHWHILE,
     Placement,
     beats,
     best,
@@ -192,6 +193,12 @@ def advise(fleet: Fleet, placements: dict[int, Placement | None], batch: int = 1
         left_out = sorted(set(range(m)) - set(chosen.order))
         with_all = (f"all {m} give {batch / everyone.bottleneck:.2f} inf/s" if everyone
                     else f"no chain of all {m} fits")
+        more = max((p for p in placements.values() if p is not None),
+                   key=lambda p: -p.bottleneck)
+        if more.bottleneck < chosen.bottleneck:
+            with_all += (f"; {len(more.order)} would add only "
+                         f"{chosen.bottleneck / more.bottleneck - 1:.1%}, under the "
+                         f"{WORTHWHILE:.0%} a hop must earn")
         lines.append(f"use {n} of the {m} devices ({rate:.2f} inf/s; {with_all}): leave out "
                      f"{', '.join(fleet.names[d] for d in left_out)}")
     bottleneck = describe_bottleneck(fleet, chosen)
