@@ -125,7 +125,7 @@ def _nodes(manifest, cores: list[int]) -> list:
 
 
 def _serve(manifest, nodes, per_chain: int, work: Path, args: tuple[str, ...] = ()):
-    from defer.serving.launch import start_gateway
+    from defer.local import start_gateway
 
     chains = [[n.address for n in nodes[i:i + per_chain]]
               for i in range(0, len(nodes), per_chain)]
