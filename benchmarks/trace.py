@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import Context, fmt_spread, spread, table
+from benchmarks.common import Context, fmt_spread, spread, table, write_result
 from benchmarks.hopcost import process_cpu
 
 PICTURE_REQUESTS = 8
@@ -260,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(example_onnx("resnet50"))
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(count)]
         result = run(ctx, loaded, samples, png=args.png)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
-    print(f"all figures: {args.out}")
-    return 0
+    return write_result(args.out, result, render(result))
 
 
 if __name__ == "__main__":

@@ -132,3 +132,20 @@ def test_slices_on_a_thread_never_overlap_and_an_open_file_parses(tmp_path):
     assert len(by_phase["X"]) == 3 and by_phase["e"][0]["ts"] == 3.0
     trace.close()
     assert load_trace(tmp_path / "t.json")[-1]["name"] == "trace_end"
+
+
+def test_a_trace_draws_as_a_gantt_chart(served, tmp_path):
+    """What the README's picture is drawn with: a row per node phase and link, every request."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.trace import gantt_rows, render_gantt
+
+    _, manifest, chain = served
+    trace = TraceFile(tmp_path / "t.json")
+    with Dispatcher(manifest, chain, tracer=trace.chain()) as dispatcher:
+        list(dispatcher.map([np.zeros((1, 16), np.float32)] * 4))
+    trace.close()
+    labels, bars = gantt_rows(load_trace(tmp_path / "t.json"))
+    assert labels[:3] == ["dispatcher request", "link dispatcher -> stage 0", "stage 0 receive"]
+    assert len(labels) == 1 + 4 * 3 + 4 and all(len(bars[label]) == 4 for label in labels)
+    render_gantt(tmp_path / "t.json", tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
