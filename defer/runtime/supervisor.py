@@ -89,9 +89,9 @@ class Supervisor:
                 request.msg = None
                 request.finished = self.last_result = time.perf_counter()
                 self.completed += 1
-                if self.tracer is not None and msg.spans is not None:
-                    self._trace(stage, request, msg)
                 request.set_result(msg)
+                if self.tracer is not None and msg.spans is not None:
+                    self._trace(stage, request, msg)  # after: the caller need not wait for it
         elif isinstance(msg, Error) and msg.request_id == 0:
             self._on_node_report(stage, msg)
         elif isinstance(msg, Error):
