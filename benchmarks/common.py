@@ -65,16 +65,19 @@ def single_device(manifest, whole_model, samples: list[dict], warmup: int = 3) -
 
 
 def chain_stats(manifest, addresses: list[str], samples: list[dict], codec: str | None = None,
-                warmup: int = 3, seconds: float | None = None, timeout: float = 60.0) -> dict:
+                warmup: int = 3, seconds: float | None = None, timeout: float = 60.0,
+                inflight: int | None = None) -> dict:
     """Stream `samples` through running nodes (after `warmup` of them) and return the stats.
 
     With `seconds`, stop submitting once that much time has passed (slow, shaped links).
+    `inflight` is the dispatcher's window (its default when None).
     """
     import time
 
     from defer.runtime.dispatcher import Dispatcher
 
-    with Dispatcher(manifest, addresses, codec=codec, timeout=timeout) as dispatcher:
+    with Dispatcher(manifest, addresses, codec=codec, timeout=timeout,
+                    inflight=inflight) as dispatcher:
         for _ in dispatcher.map(samples[:warmup]):
             pass
         dispatcher.reset_stats()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from defer.compiler.fleet import Fleet
+from defer.compiler.fleet import Fleet, build_fleet
 from defer.compiler.intervals import range_min_after, stab_max
 from defer.compiler.partition import (
     Plan,
@@ -104,6 +104,16 @@ def place_each(fleet: Fleet, counts: Iterable[int] | None = None) -> dict[int, P
         else:
             out[n] = _search(fleet, _greedy_order(fleet, chosen), exact=False)
     return out
+
+
+def place_on_cluster(info, cluster, costs, wire, n: int | None, **fleet_options) -> Placement:
+    """The compile recipe's step for `--cluster`: the Fleet of `cluster` for this op order,
+    codec and options (fleet.build_fleet), and its best chain of `n` devices (None: the count
+    that is best, fewer devices unless more earn WORTHWHILE)."""
+    fleet = build_fleet(info, cluster, costs, wire, **fleet_options)
+    if n is not None:
+        return place(fleet, n)
+    return best(place_each(fleet))
 
 
 def best(placements: dict[int, Placement | None], margin: float = WORTHWHILE) -> Placement:
