@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Context, chain_stats, fmt_spread, spread, table
+from benchmarks.common import Context, chain_stats, fmt_spread, spread, table, write_result
 
 QUOTAS = (0.6, 0.3, 0.2, 0.1)
 FIFTH = 0.05
@@ -64,19 +64,20 @@ def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = Non
                    "benchmarks.fleet_plan (simulated profile)")
 
 
-class CappedChain:
-    """Stage i's node in a cgroup capped to `cores[i]` (and, with `shaped_mbit`, in its own
-    network namespace, egress shaped). Nodes load their bundle uncapped, then are capped."""
+class CappedNodes:
+    """Node i (serving `bundles[i]`, or empty: None) in a cgroup capped to `cores[i]` and,
+    with `shaped_mbit`, in its own network namespace with its egress shaped. Nodes load their
+    bundle uncapped, then are capped."""
 
-    def __init__(self, manifest, cores: list[float], shaped_mbit: float | None = None):
-        self.manifest, self.cores, self.shaped_mbit = manifest, cores, shaped_mbit
+    def __init__(self, bundles: list, cores: list[float], shaped_mbit: float | None = None):
+        self.bundles, self.cores, self.shaped_mbit = bundles, cores, shaped_mbit
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> list[str]:
         from benchmarks import cgroups
         from defer.local import start_node, stop_processes
 
-        n = len(self.manifest.stages)
+        n = len(self.bundles)
         try:
             devices = self._stack.enter_context(cgroups.CpuCaps([f"fleet{i}" for i in range(n)]))
             hosts = [None] * n
@@ -86,10 +87,9 @@ class CappedChain:
                 hosts = self._stack.enter_context(ShapedNetwork(n, self.shaped_mbit, "dfp"))
             nodes: list = []
             self._stack.callback(stop_processes, nodes)
-            for stage, device, host in zip(self.manifest.stages, devices, hosts):
+            for bundle, device, host in zip(self.bundles, devices, hosts):
                 prefix = (host.command([]) if host else []) + device.command()
-                nodes.append(start_node(self.manifest.bundle_path(stage.index),
-                                        host=host.address if host else "127.0.0.1",
+                nodes.append(start_node(bundle, host=host.address if host else "127.0.0.1",
                                         command_prefix=tuple(prefix), timeout=180))
             for device, cores in zip(devices, self.cores):
                 device.cap(cores)
@@ -142,7 +142,8 @@ def measure(ctx: Context, manifest, cluster, quota_of: dict[str, float], samples
     """Median throughput over ctx.runs streams through freshly capped nodes."""
     cores = [quota_of[d] for d in _devices(manifest, cluster)]
     rates, used, cpu_ms = [], [], []
-    with CappedChain(manifest, cores, shaped_mbit) as addresses:
+    bundles = [manifest.bundle_path(stage.index) for stage in manifest.stages]
+    with CappedNodes(bundles, cores, shaped_mbit) as addresses:
         for _ in range(ctx.runs):
             stats = chain_stats(manifest, addresses, samples, codec=codec, warmup=3,
                                 seconds=8.0 if ctx.quick else 25.0, timeout=300.0,
@@ -232,7 +233,8 @@ def run_codecs(ctx: Context, loaded, cluster_path: Path, cluster, quota_of, samp
 
 
 def render(results: dict) -> str:
-    parts = [f"cluster.json: {results['cluster_source']}"]
+    parts = [f"cluster.json: {r['cluster_source']}" for r in results.values()
+             if isinstance(r, dict) and "cluster_source" in r][:1]
     if "plans" in results:
         p = results["plans"]
         rows = [[name, " > ".join(f"{c:g}" for c in p[name]["cores"]), str(p[name]["bounds"]),
@@ -259,12 +261,24 @@ def render(results: dict) -> str:
 
 
 def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None):
-    """(path, Cluster, {device address: quota}) for these quotas (see the module docstring)."""
-    addresses = [f"127.0.0.1:{7200 + i}" for i in range(len(quotas))]
-    cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit)
+    """(path, Cluster, {device address: quota}, source) for these quotas: `defer profile`
+    against empty nodes so capped (issue 12a), else simulated (see the module docstring)."""
     path = ctx.work_dir / f"cluster-{len(quotas)}-{shaped_mbit or 'lo'}.json"
+    try:
+        from defer.fleet.profile import ProfileOptions, profile_fleet
+    except ImportError:
+        addresses = [f"127.0.0.1:{7200 + i}" for i in range(len(quotas))]
+        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit)
+        source = "simulated (this machine's profile / quota; no `defer profile` here)"
+    else:
+        from defer.examples import example_onnx
+
+        with CappedNodes([None] * len(quotas), list(quotas), shaped_mbit) as addresses:
+            cluster = profile_fleet(example_onnx("resnet50"), ProfileOptions(
+                nodes=tuple(addresses), sequential=True))
+        source = "defer profile against the capped nodes"
     cluster.save(path)
-    return path, cluster, dict(zip(addresses, quotas))
+    return path, cluster, dict(zip(addresses, quotas)), source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,22 +304,19 @@ def main(argv: list[str] | None = None) -> int:
                       work_dir=Path(tmp), count=400, log=lambda line: print(line, flush=True))
         loaded = load_model(example_onnx("resnet50"))
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(8)] * 50
-        results: dict = {"cluster_source": "simulated (this machine's profile / quota)"}
+        results: dict = {}
         steps = {"plans": (run_plans, QUOTAS, None), "fifth": (run_fifth, (*QUOTAS, FIFTH), None),
                  "codecs": (run_codecs, QUOTAS, SHAPED_MBIT)}
         for name in args.only:
             step, quotas, shaped = steps[name]
             ctx.log(f"fleet_plan: {name} on {' / '.join(f'{q:g}' for q in quotas)} core")
-            path, cluster, quota_of = _cluster(ctx, loaded, quotas, shaped)
+            path, cluster, quota_of, source = _cluster(ctx, loaded, quotas, shaped)
             results[name] = step(ctx, loaded, path, cluster, quota_of, samples)
+            results[name]["cluster_source"] = source
     results["elapsed_s"] = time.perf_counter() - started
     results["command"] = " ".join(["python -m benchmarks.fleet_plan", *(argv or sys.argv[1:])])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(render(results))
-    print(f"all figures: {args.out}; took {results['elapsed_s']:.0f} s (median of {ctx.runs} "
-          "run(s) each; the machine may be shared)")
-    return 0
+    return write_result(args.out, results, render(results) + f"\ntook {results['elapsed_s']:.0f} s, "
+                        f"median of {ctx.runs} run(s) each (a shared machine is noisy)")
 
 
 if __name__ == "__main__":
