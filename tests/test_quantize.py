@@ -94,7 +94,7 @@ def trained(digits, tmp_path_factory):
 @pytest.mark.keras
 @pytest.mark.parametrize("mode", ["int8", "fp16"])
 def test_digits_tflite_quantized_agrees_with_float(trained, mode):
-    from defer.compiler.tflite import read_tflite, to_tflite
+    from defer.compiler.tflite import analyse, read_tflite, to_tflite
     from defer.engines.litert import LiteRTEngine
 
     path, x_test, samples = trained
@@ -104,9 +104,8 @@ def test_digits_tflite_quantized_agrees_with_float(trained, mode):
     assert agreement >= 0.98
     assert len(quantized) < (0.35 if mode == "int8" else 0.6) * len(floating)
     if mode == "int8":
-        graph = read_tflite(quantized)
-        inner = {graph.tensors[t].dtype for k in range(2, graph.n_ops - 1)
-                 for t in graph.crossing_tensors(k)}
+        info = analyse(read_tflite(quantized))
+        inner = {info.specs[t].dtype for k in range(2, info.n_ops - 1) for t in info.crossing(k)}
         assert "int8" in inner and "float32" not in inner
 
 

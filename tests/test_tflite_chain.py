@@ -12,10 +12,10 @@ from defer.fidelity import run_chain
 from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 from tests.tflite_helpers import (
+    info_of,
     need_tensorflow,
     run_whole,
     sample_feeds,
-    tflite_bytes,
     write_bundles,
 )
 
@@ -31,11 +31,9 @@ CASES = [  # model, quantization, stages, codec
 @pytest.mark.parametrize(("name", "mode", "n_stages", "codec"), CASES)
 def test_chain_of_nodes_equals_the_whole_tflite(tmp_path, name, mode, n_stages, codec):
     need_tensorflow()
-    from defer.compiler.tflite import read_tflite
-
-    graph = read_tflite(tflite_bytes(name, mode))
-    bounds = [round(i * graph.n_ops / n_stages) for i in range(n_stages + 1)]
-    manifest = write_bundles(graph, bounds, tmp_path / "bundles", codec)
+    graph, info = info_of(name, mode)
+    bounds = [round(i * info.n_ops / n_stages) for i in range(n_stages + 1)]
+    manifest = write_bundles(info, bounds, tmp_path / "bundles", codec)
     assert max(len(s.receives) for s in manifest.stages) >= (3 if name == "densenet_tiny" else 1)
     samples = sample_feeds(graph, count=4, seed=2)
     nodes = []

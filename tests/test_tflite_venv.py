@@ -18,10 +18,10 @@ import pytest
 from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
 from tests.tflite_helpers import (
+    info_of,
     need_tensorflow,
     run_whole,
     sample_feeds,
-    tflite_bytes,
     write_bundles,
 )
 
@@ -41,13 +41,11 @@ def _mapped(pid: int) -> str:
 
 def test_a_node_without_tensorflow_serves_a_tflite_stage(tmp_path):
     need_tensorflow()
-    from defer.compiler.tflite import read_tflite
-
     python = str(Path(VENV) / "bin" / "python")
     no_tf = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
     assert no_tf.returncode != 0 and "No module named 'tensorflow'" in no_tf.stderr
-    graph = read_tflite(tflite_bytes("densenet_tiny", "int8"))
-    manifest = write_bundles(graph, [0, graph.n_ops // 2, graph.n_ops], tmp_path / "bundles")
+    graph, info = info_of("densenet_tiny", "int8")
+    manifest = write_bundles(info, [0, info.n_ops // 2, info.n_ops], tmp_path / "bundles")
     samples = sample_feeds(graph, count=3, seed=3)
     nodes = []
     try:

@@ -11,7 +11,8 @@ Cutting a model costs more than its nodes: each bundle converts its inputs to th
 and its outputs back (reorders, proportional to the bytes crossing), and a cut inside a fused
 chain makes that chain run unfused. `Costs.enter[k]` / `Costs.leave[k]` hold those extra
 seconds for a stage that starts / ends at cut k, measured from the same profiles.
-`estimate_costs` is the fallback: a FLOP + memory-traffic estimate at nominal rates.
+`estimate_costs` is the fallback, for either format: a FLOP + memory-traffic estimate at
+nominal rates (the TFLite front end passes its own FLOP count).
 Profiles are read one event at a time and reduced to medians as they are read, so a 10k-op
 graph's traces (tens of MB of JSON per level) are never held in memory. A constant-only op
 (graph.py) that onnxruntime did not fold is charged to its first consumer.
@@ -25,14 +26,15 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
 
 from defer import progress
-from defer.compiler.graph import GraphInfo
+from defer.compiler.graph import GraphInfo, Op
 from defer.compiler.load import ort_session, sample_inputs
 
 log = logging.getLogger(__name__)
@@ -245,17 +247,22 @@ def _fused_group(info: GraphInfo, position: int, owners: dict[int, float],
     return sorted(group)
 
 
-def estimate_costs(info: GraphInfo) -> Costs:
-    """Seconds per node from FLOPs and bytes touched, at the nominal rates above."""
+def estimate_costs(info: GraphInfo, flops: Callable[[Op], float] | None = None) -> Costs:
+    """Seconds per op from FLOPs and bytes touched, at the nominal rates above, in any format:
+    `flops` counts one op's floating-point operations (default: an ONNX node's)."""
+    if flops is None:
+        init_dims = {t.name: list(t.dims) for t in info.model.graph.initializer}
+        flops = partial(_onnx_flops, info, init_dims)
     costs = np.zeros(info.n_ops)
-    inits = info.model.graph.initializer
-    init_dims = {t.name: list(t.dims) for t in inits}
     for i, op in enumerate(info.ops):
-        flops = _node_flops(op.source, info, init_dims)
         touched = sum(info.tensor_bytes(t) for t in [*op.inputs, *op.outputs])
         touched += sum(info.constant_bytes[w] for w in op.weights)
-        costs[i] = flops / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
+        costs[i] = flops(op) / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
     return Costs.nodes_only(costs, "estimate (FLOPs + bytes)")
+
+
+def _onnx_flops(info: GraphInfo, init_dims: dict[str, list[int]], op: Op) -> float:
+    return _node_flops(op.source, info, init_dims)
 
 
 def _shape(name: str, info: GraphInfo, init_dims: dict[str, list[int]]) -> list[int]:

@@ -14,8 +14,9 @@ from flatbuffer tensor names to the `.tflite`'s signature names.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,27 +25,13 @@ from typing import Any
 import onnx
 from ai_edge_litert.tools import flatbuffer_utils
 
+from defer.compiler.load import KERAS_SUFFIXES, OPSET, import_tensorflow
 from defer.compiler.quantize import calibration_samples, check_mode, tflite_quantization
 from defer.compiler.tflite.read import read_tflite
-from defer.errors import MissingDependencyError, UsageError
+from defer.errors import UsageError
 from defer.tensors import Sample, TensorSpec
 
 log = logging.getLogger(__name__)
-
-OPSET = 17
-KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
-
-
-def tensorflow() -> Any:
-    """The tensorflow module, or MissingDependencyError naming the extra that brings it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    try:
-        import tensorflow as tf
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"converting to or from TFLite needs TensorFlow ({err.name} is missing); install "
-            "it with: pip install 'defer-edge[keras]'") from err
-    return tf
 
 
 def to_tflite(source: str | Path | Any, quantize: str | None = None,
@@ -54,7 +41,7 @@ def to_tflite(source: str | Path | Any, quantize: str | None = None,
     `quantize` ("fp16" or "int8") applies post-training quantization; int8 calibrates on
     `samples` (default: seeded random ones, with a warning)."""
     check_mode(quantize)
-    tf = tensorflow()
+    tf, _ = import_tensorflow("converting to TFLite")
     keras_model, converter = _converter(tf, source)
     specs = _input_specs(tf, keras_model, converter, source)
     if quantize:
@@ -62,11 +49,15 @@ def to_tflite(source: str | Path | Any, quantize: str | None = None,
             samples = calibration_samples(specs)
         tflite_quantization(converter, quantize, samples or [])
     log.info("converting to TFLite%s", f" ({quantize})" if quantize else "")
+    printed = io.StringIO()  # Keras prints its export's signature on stdout: log it instead
     try:
-        data = converter.convert()
+        with contextlib.redirect_stdout(printed):
+            data = converter.convert()
     except Exception as err:  # noqa: BLE001 - the converter raises many types
         reason = " ".join(str(err).split())[:300]
         raise UsageError(f"the TFLite converter failed: {reason}") from None
+    finally:
+        log.debug("the converter printed: %s", printed.getvalue())
     if keras_model is not None:
         data = _rename_outputs(data, list(keras_model.output_names))
     return bytes(data)
@@ -119,14 +110,7 @@ def _rename_outputs(data: bytes, names: list[str]) -> bytes:
 
 def tflite_to_onnx(source: str | Path | bytes, opset: int = OPSET) -> onnx.ModelProto:
     """The ONNX conversion of a `.tflite` (tf2onnx), inputs and outputs named as its signature."""
-    tensorflow()
-    try:
-        import tf2onnx
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"converting TFLite to ONNX needs tf2onnx ({err}); install it with: "
-            "pip install 'defer-edge[keras]'") from err
-    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    _, tf2onnx = import_tensorflow("converting TFLite to ONNX", tf2onnx=True)
     graph = read_tflite(source)
     raw = {_raw_name(graph, t): graph.names[t]
            for t in [*graph.input_indices, *graph.output_indices]}
