@@ -47,6 +47,42 @@ def tflite_bytes(name: str, mode: str = "fp32") -> bytes:
     return to_tflite(model, quantize=mode, samples=samples)
 
 
+@functools.cache
+def control_flow_tflite() -> bytes:
+    """A .tflite with a WHILE loop: several subgraphs."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+    def loop(x):
+        return tf.while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y * 2.0),
+                             [tf.constant(0), x])[1]
+
+    return _convert_function(loop)
+
+
+@functools.cache
+def flex_tflite() -> bytes:
+    """A .tflite that needs a TensorFlow (Flex) op: a determinant."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([4, 4], tf.float32)])
+    def determinant(x):
+        return tf.linalg.det(x)
+
+    return _convert_function(determinant, select_tf_ops=True)
+
+
+def _convert_function(function, select_tf_ops: bool = False) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [function.get_concrete_function()], function)
+    if select_tf_ops:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                               tf.lite.OpsSet.SELECT_TF_OPS]
+    return converter.convert()
+
+
 def info_of(name: str, mode: str = "fp32", order: str = "file"):
     """(TFLiteGraph, GraphInfo) of example `name` converted in `mode`, ops in `order`."""
     from defer.compiler.tflite import analyse, read_tflite
