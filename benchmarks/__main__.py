@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, gateway, network, overhead, partition
+from benchmarks import compute, gateway, network, overhead, partition, tflite
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network", "gateway")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "tflite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +57,11 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
     from defer.compiler.load import sample_inputs
     from defer.examples import example_onnx
 
-    ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
-    loaded = load_model(example_onnx("resnet50"))
-    samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     results, tables = {}, []
+    if set(only) - {"tflite"}:  # the ONNX scenarios share one load
+        ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
+        loaded = load_model(example_onnx("resnet50"))
+        samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     if "compute" in only:
         ctx.log("scenario 1+5: compute-bound speed-up and energy")
         results["compute"] = compute.run(ctx, loaded, samples)
@@ -84,6 +85,10 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
         ctx.log("scenario 6: the gateway under load (16 clients, a chain killed, batching)")
         results["gateway"] = gateway.run(ctx, loaded)
         tables.append(gateway.render(results["gateway"]))
+    if "tflite" in only:
+        ctx.log("scenario 7: TFLite chains and the 2-node speed-up under LiteRT")
+        results["tflite"] = tflite.run(ctx)
+        tables.append(tflite.render(results["tflite"]))
     return results, tables
 
 
