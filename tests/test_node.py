@@ -224,3 +224,24 @@ def test_http_health_and_prometheus_metrics(one_stage):
         assert families["defer_node_ready"].samples[0].value == 1
     finally:
         stop_processes([node])
+
+
+def test_hello_carries_the_node_facts_and_a_clock(node):
+    import asyncio
+
+    from defer.runtime.channel import Channel
+
+    async def hello():
+        chan = await Channel.connect(node.address, 5.0)
+        try:
+            reply = await chan.handshake("dispatcher", None, 5.0)
+        finally:
+            await chan.close()
+        return reply, chan
+
+    reply, chan = asyncio.run(hello())
+    facts = chan.peer_info
+    assert facts["cores"] >= 1 and facts["engine"] == "onnx" and "onnx" in facts["engines"]
+    assert facts["memory_available"] > 0 and facts["defer"]
+    assert abs(chan.clock_offset) < 0.5  # same machine: the clocks agree; the estimate is near 0
+    assert reply.bundle_sha256 is not None

@@ -1,6 +1,8 @@
-# The wire protocol, h11 style: one table of messages shared by encoder and decoder tests; each
-# round-trips fed whole, byte by byte and with trailing bytes; random and mutated bytes give
-# ProtocolError and nothing else; a clean EOF is not an error, a truncated frame is.
+"""The wire protocol, h11 style: one table of messages shared by encoder and decoder tests; each
+round-trips fed whole, byte by byte and with trailing bytes; random and mutated bytes give
+ProtocolError and nothing else; a clean EOF is not an error, a truncated frame is.
+"""
+
 from __future__ import annotations
 
 import json

@@ -25,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from defer import __version__
 from defer.address import format_address
 from defer.codecs import parse_codec
-from defer.engines import load_engine
+from defer.engines import available_engines, load_engine
 from defer.errors import (
     AuthError,
     DeferError,
@@ -55,7 +56,7 @@ from defer.runtime.protocol import (
     Shutdown,
     Stats,
 )
-from defer.runtime.stage import StageCounters
+from defer.runtime.stage import StageCounters, memory_available
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,8 @@ class Node:
     async def _connection(self, chan: Channel) -> None:
         try:
             hello = await chan.accept(self.node_id, self.config.token, self._sha,
-                                      self.config.connect_timeout, self.config.heartbeat)
+                                      self.config.connect_timeout, self.config.heartbeat,
+                                      info=self.facts())
             if hello.role == "dispatcher" and self._control is not None:
                 self._replace_dispatcher(chan)
             self._spawn(chan.keepalive(self.config.heartbeat))
@@ -344,6 +346,13 @@ class Node:
         plan = self.pipeline.plan
         return self.counters.snapshot(node=self.node_id, stage=plan.stage if plan else None,
                                       connections=self._connections, **self.pipeline.depths())
+
+    def facts(self) -> dict[str, Any]:
+        """What this node tells a peer in its HELLO: enough to check it can serve a stage."""
+        return {"defer": __version__, "cores": len(os.sched_getaffinity(0)),
+                "threads": self.config.threads, "memory_available": memory_available(),
+                "engines": available_engines(),
+                "engine": self.pipeline.engine.format if self.pipeline.engine else None}
 
     def _route(self, msg: Message) -> Channel | None:
         """Where a result goes: RESULT and ERROR to the dispatcher, INFER to the next hop."""

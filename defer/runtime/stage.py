@@ -98,3 +98,15 @@ class StageCounters:
             "heartbeats_missed": self.heartbeats_missed,
             "compute_histogram": [list(COMPUTE_BUCKETS), list(self.compute_counts)], **extra,
         }
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available to new work on this machine (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
