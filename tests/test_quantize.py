@@ -159,3 +159,19 @@ def test_compiled_int8_digits_keep_top1_agreement_with_float(trained, tmp_path, 
     if format == "tflite":  # int8 activations cross the cut, with their scale and zero point
         (sent,) = manifests[1].stages[0].outputs
         assert sent.dtype == "int8" and sent.quant is not None
+
+
+@pytest.mark.keras
+def test_every_tensor_of_the_loaded_models_has_at_most_the_batch_dynamic(trained):
+    """Keras' Flatten becomes a Reshape to a computed shape, which onnx shape inference leaves
+    as [?, ?] (priced as one element per sample); the loader reads it from a run: [?, 512]."""
+    from defer.compiler.graph import analyse
+    from defer.compiler.load import load_model
+
+    path, _, _, calibration = trained
+    for quantize in (None, "int8"):
+        info = analyse(load_model(path, quantize=quantize,
+                                  calibration=calibration if quantize else None).model)
+        assert all(sum(not isinstance(d, int) for d in s.shape) <= 1
+                   for s in info.specs.values())
+        assert info.specs["digits_cnn_1/flatten_1/Reshape:0"].shape[1:] == (512,)

@@ -75,7 +75,9 @@ def load_model(source: str | Path | onnx.ModelProto, opset: int = OPSET, *,
             loaded = LoadedModel(source, source.graph.name or "model", "<memory>",
                                  _proto_sha256(source))
         elif _route(Path(source), format, quantize) == "tflite":
-            return _load_tflite(Path(source), quantize, calibration)
+            from defer.compiler.tflite import load_tflite
+
+            return load_tflite(Path(source), quantize, calibration)
         else:
             loaded = _load_path(Path(source), opset)
         loaded.model = _normalise(loaded.model)
@@ -106,28 +108,6 @@ def _route(path: Path, format: str | None, quantize: str | None) -> str:
         raise UsageError(f"{path}: a .tflite cannot be quantized again; pass the Keras model "
                          f"or SavedModel it came from with --quantize {quantize}")
     return chosen
-
-
-def _load_tflite(path: Path, quantize: str | None, calibration: str | Path | None
-                 ) -> LoadedModel:
-    """A `.tflite` as it is, or Keras/SavedModel input converted to TFLite (and quantized)."""
-    from defer.compiler.tflite import read_tflite, to_tflite
-
-    name = path.stem if path.is_file() else path.name
-    if path.suffix.lower() == ".tflite":
-        return LoadedModel(read_tflite(path), name, path.name, sha256_file(path), "tflite")
-    if not path.exists():
-        raise UsageError(f"{path}: no such file or directory; check the model path")
-    data = to_tflite(path)
-    sha = sha256_file(path) if path.is_file() else sha256_bytes(data)
-    record = None
-    if quantize:
-        graph = read_tflite(data)
-        samples = calibration_samples([graph.specs[n] for n in graph.input_names], calibration)
-        quantized = to_tflite(path, quantize, samples)
-        record = compare_quantized(data, quantized, samples, quantize, calibration)
-        data = quantized
-    return LoadedModel(read_tflite(data), name, path.name, sha, "tflite", record)
 
 
 def _quantize_onnx(loaded: LoadedModel, mode: str, calibration: str | Path | None) -> None:
@@ -314,35 +294,48 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
     """Give every tensor a type and shape: run and read what shape inference missed.
 
-    With dynamic input dims it runs at batch 1 and 2 and keeps the dims that differ dynamic,
-    so bundles keep accepting any batch."""
+    Missed: no shape at all, or, when each model input has at most one dynamic dim (the
+    batch), a shape with several (inference gave up, e.g. on a Reshape to a computed shape:
+    Keras' Flatten). With dynamic input dims it runs at batch 1 and 2 and keeps the dims that
+    differ dynamic, so bundles keep accepting any batch."""
     graph = model.graph
+    one_dynamic = all(_dynamic_dims(vi) <= 1 for vi in graph.input)
     known = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)
-             if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")}
+             if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")
+             and not (one_dynamic and _dynamic_dims(vi) > 1)}
     inits = {i.name for i in graph.initializer}
     missing = [t for n in graph.node for t in n.output if t and t not in known and t not in inits]
     if not missing:
         return
-    log.info("shape inference left %d tensors without a shape; reading them from a run",
+    log.info("shape inference left %d tensors without a full shape; reading them from a run",
              len(missing))
     import onnxruntime as ort
 
+    outputs = {o.name: o for o in graph.output}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing
+                              if t not in outputs)
     with tempfile.TemporaryDirectory(prefix="defer-shapes-") as tmp:
         session = ort_session(probe, ort.SessionOptions(), tmp)
     del probe
     runs = [session.run(missing, sample_inputs(model, batch=b)) for b in _batches(model)]
-    outputs = {o.name: o for o in graph.output}
+    infos = {vi.name: vi for vi in graph.value_info}
     for i, name in enumerate(missing):
         shapes = [values[i].shape for values in runs]
         shape = [d if all(s[j] == d for s in shapes) else None for j, d in enumerate(shapes[0])]
         info = helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(runs[0][i].dtype), shape)
-        graph.value_info.append(info)
-        if name in outputs:
-            outputs[name].CopyFrom(info)
+        for existing in (infos.get(name), outputs.get(name)):
+            if existing is not None:
+                existing.CopyFrom(info)
+        if name not in infos:
+            graph.value_info.append(info)
+
+
+def _dynamic_dims(value: onnx.ValueInfoProto) -> int:
+    shape = value.type.tensor_type.shape
+    return sum(not d.HasField("dim_value") for d in shape.dim)
 
 
 def _batches(model: onnx.ModelProto) -> list[int]:

@@ -12,11 +12,11 @@ optionally fp16/int8) and `tflite_to_onnx` need TensorFlow (`[keras]`) and impor
 called.
 """
 
-from defer.compiler.tflite.convert import tflite_to_onnx, to_tflite
+from defer.compiler.tflite.convert import load_tflite, tflite_to_onnx, to_tflite
 from defer.compiler.tflite.costs import OpTimes, estimate_costs, time_ops
 from defer.compiler.tflite.graph import TFLiteGraph, analyse
 from defer.compiler.tflite.read import read_tflite
 from defer.compiler.tflite.slicer import slice_operators, stage_bundle
 
-__all__ = ["OpTimes", "TFLiteGraph", "analyse", "estimate_costs", "read_tflite",
+__all__ = ["OpTimes", "TFLiteGraph", "analyse", "estimate_costs", "load_tflite", "read_tflite",
            "slice_operators", "stage_bundle", "time_ops", "tflite_to_onnx", "to_tflite"]

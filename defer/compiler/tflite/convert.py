@@ -1,5 +1,7 @@
 """Conversions that need TensorFlow (the `[keras]` extra): Keras/SavedModel -> `.tflite`, and
-`.tflite` -> ONNX.
+`.tflite` -> ONNX; and `load_tflite`, the compiler's TFLite loader (`load_model` with format
+tflite): a `.tflite` as it is (no TensorFlow), else the converter's output, quantized if asked
+and compared with the float conversion (`quantize.compare_quantized`).
 
 `to_tflite` uses `tf.lite.TFLiteConverter.from_keras_model` (a `.h5`/`.keras` file or a model
 object) or `from_saved_model` (a SavedModel directory), never `from_concrete_functions`, which
@@ -25,13 +27,39 @@ from typing import Any
 import onnx
 from ai_edge_litert.tools import flatbuffer_utils
 
-from defer.compiler.load import KERAS_SUFFIXES, OPSET, import_tensorflow
-from defer.compiler.quantize import calibration_samples, check_mode, tflite_quantization
+from defer.compiler.load import KERAS_SUFFIXES, OPSET, LoadedModel, import_tensorflow
+from defer.compiler.quantize import (
+    calibration_samples,
+    check_mode,
+    compare_quantized,
+    tflite_quantization,
+)
 from defer.compiler.tflite.read import read_tflite
 from defer.errors import UsageError
+from defer.manifest import sha256_bytes, sha256_file
 from defer.tensors import Sample, TensorSpec
 
 log = logging.getLogger(__name__)
+
+
+def load_tflite(path: Path, quantize: str | None = None,
+                calibration: str | Path | None = None) -> LoadedModel:
+    """A `.tflite` as it is, or Keras/SavedModel input converted to TFLite (and quantized)."""
+    name = path.stem if path.is_file() else path.name
+    if path.suffix.lower() == ".tflite":
+        return LoadedModel(read_tflite(path), name, path.name, sha256_file(path), "tflite")
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory; check the model path")
+    data = to_tflite(path)
+    sha = sha256_file(path) if path.is_file() else sha256_bytes(data)
+    record = None
+    if quantize:
+        graph = read_tflite(data)
+        samples = calibration_samples([graph.specs[n] for n in graph.input_names], calibration)
+        quantized = to_tflite(path, quantize, samples)
+        record = compare_quantized(data, quantized, samples, quantize, calibration)
+        data = quantized
+    return LoadedModel(read_tflite(data), name, path.name, sha, "tflite", record)
 
 
 def to_tflite(source: str | Path | Any, quantize: str | None = None,
