@@ -1,6 +1,6 @@
 """`defer compile`, `defer inspect` and `defer run` with TFLite, through click's CliRunner and the
-Python API: a .tflite cut on its own operators, Keras input with --format tflite, a .tflite
-turned into ONNX stages, the cut rules shared with ONNX (--cut, --bandwidth, --speeds,
+Python API: a .tflite cut on its own operators, Keras and SavedModel input with --format tflite, a
+.tflite turned into ONNX stages, the cut rules shared with ONNX (--cut, --bandwidth, --speeds,
 --memory, --codec, --no-profile), --verify against the whole .tflite (0.0), and what is refused
 with one line and exit code 2.
 """
@@ -75,6 +75,17 @@ def test_keras_input_with_format_tflite_follows_the_onnx_cut_rules(tmp_path, ker
     assert manifest.plan["op_order"] in ("file", "depth", "greedy")
     # A slow link: the cuts avoid DenseNet's wide crossing sets.
     assert manifest.plan["wire_bytes"] < manifest.plan["baselines"]["layers"]["wire_bytes"]
+
+
+def test_a_saved_model_becomes_tflite_stages(tmp_path):
+    from tests.tflite_helpers import keras_model
+
+    keras_model("tiny_cnn").export(str(tmp_path / "saved"))
+    result = _run("compile", tmp_path / "saved", "-n", 2, "--format", "tflite", "-o",
+                  tmp_path / "bundles", "--verify")
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(tmp_path / "bundles")
+    assert manifest.model["format"] == "tflite" and manifest.model["source"] == "saved"
 
 
 def test_cut_by_op_type_and_the_flop_estimate(tmp_path):
