@@ -4,8 +4,9 @@ manifest, atomically.
 `stage_spec` is the manifest entry of a stage in any format. A stage's ONNX bundle holds its
 ops, the constant-only ops they need, the initializers they use, the crossing tensors it
 consumes as graph inputs and the tensors it produces for later stages as graph outputs.
-Received tensors that are still needed downstream are listed as `forward`. Files are written to a side folder and moved
-into place with the manifest last, so a failed compile never leaves output that looks valid.
+Received tensors that are still needed downstream are listed as `forward`. Files are written
+to a side folder and moved into place with the manifest last, so a failed compile never leaves
+output that looks valid.
 """
 
 from __future__ import annotations

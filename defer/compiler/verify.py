@@ -104,7 +104,8 @@ def constant_sends(manifest: Manifest) -> list[set[str] | None]:
     return result
 
 
-def _bundle_ops(path: Path, format: str) -> tuple[list[str], list[tuple[list[str], list[str]]]] | None:
+def _bundle_ops(path: Path, format: str
+                ) -> tuple[list[str], list[tuple[list[str], list[str]]]] | None:
     """(input names, [(op input names, op output names)] in execution order) of a bundle."""
     if format == "onnx":
         from defer.compiler.graph import node_inputs
