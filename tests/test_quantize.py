@@ -175,3 +175,18 @@ def test_every_tensor_of_the_loaded_models_has_at_most_the_batch_dynamic(trained
         assert all(sum(not isinstance(d, int) for d in s.shape) <= 1
                    for s in info.specs.values())
         assert info.specs["digits_cnn_1/flatten_1/Reshape:0"].shape[1:] == (512,)
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize("format", ["tflite", "onnx"])
+def test_fp16_stages_verify_within_the_quantized_tolerance(trained, tmp_path, format):
+    """TFLite fp16 slices give exactly the whole model; onnxruntime may round an fp16 kernel
+    it can no longer fuse differently, within QUANTIZED_TOLERANCE (--verify's default)."""
+    from defer.compiler import compile_model, load_model, verify
+    from defer.compiler.verify import QUANTIZED_TOLERANCE, tolerance_for
+
+    loaded = load_model(trained[0], format=format, quantize="fp16")
+    manifest = compile_model(loaded, 3, tmp_path / "bundles", profile=False)
+    assert tolerance_for(manifest) == QUANTIZED_TOLERANCE
+    fidelity = verify(manifest, loaded)
+    assert fidelity.max_rel == 0.0 if format == "tflite" else fidelity.max_rel < 1e-2
