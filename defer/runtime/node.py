@@ -187,6 +187,7 @@ class Node:
             if hello.role == "dispatcher" and self._control is not None:
                 self._replace_dispatcher(chan)
             self._spawn(chan.keepalive(self.config.heartbeat))
+            chan.timing = self.pipeline.tracing  # an upstream connects once we are configured
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
             else:
@@ -213,7 +214,7 @@ class Node:
         while (msg := await chan.recv()) is not None:
             if not isinstance(msg, Infer):
                 raise ProtocolError(f"data connection carries INFER only, got {msg.TYPE.name}")
-            await self.pipeline.put(msg)
+            await self.pipeline.put(msg, chan.frame_began)
 
     async def _control_loop(self, chan: Channel) -> None:
         self._control = chan
@@ -222,7 +223,7 @@ class Node:
         while (msg := await chan.recv()) is not None:
             match msg:
                 case Infer():
-                    await self.pipeline.put(msg)
+                    await self.pipeline.put(msg, chan.frame_began)
                 case Load():
                     await self._reply(chan, msg, self._on_load(msg))
                 case Configure():
@@ -338,6 +339,8 @@ class Node:
             self._downstream = chan
             self._spawn(self._watch_downstream(chan))
         self.pipeline.rewire(msg)
+        if self._control is not None:
+            self._control.timing = msg.trace
         log.info("configured as stage %d/%d, next hop %s, codec %s", msg.stage, msg.n_stages,
                  msg.next_hop, msg.codec)
         return "configure"
