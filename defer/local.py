@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from defer.codecs import max_abs_error, parse_codec
-from defer.engines import FORMATS, load_engine
+from defer.engines import load_engine
 from defer.errors import StartupError, UsageError
 from defer.fidelity import run_chain, stage_engines, worst
 from defer.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -267,8 +267,6 @@ class RunOptions:
             raise UsageError(f"-n {self.n_stages}: need at least one stage")
         if self.codec is not None:
             parse_codec(self.codec)
-        if self.format not in (None, *FORMATS):
-            raise UsageError(f"--format {self.format!r}: choose one of {', '.join(FORMATS)}")
         return self
 
 
@@ -282,8 +280,7 @@ def default_stages() -> tuple[int, str]:
 def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
                   profile: bool = True, on_plan: Callable[[str], None] | None = None,
                   format: str | None = None) -> tuple[Manifest, Any]:
-    """(manifest, whole model or None) for a model file, a bundle dir or the example; the
-    whole model is an onnx.ModelProto or the bytes of a `.tflite`."""
+    """(manifest, whole ModelProto / .tflite bytes / None) for a model, bundle dir or example."""
     if model is None:
         from defer.examples import example_onnx, example_tflite
 
@@ -294,9 +291,8 @@ def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
         if n_stages is not None and n_stages != len(manifest.stages):
             raise UsageError(f"{path} holds {len(manifest.stages)} stages, not -n {n_stages}; "
                              "drop -n or recompile")
-        formats = {s.format for s in manifest.stages}
-        if format is not None and formats != {format}:
-            raise UsageError(f"{path} holds {'+'.join(sorted(formats))} stages, not --format "
+        if format is not None and {s.format for s in manifest.stages} != {format}:
+            raise UsageError(f"{path} holds {manifest.stages[0].format} stages, not --format "
                              f"{format}; drop --format or recompile")
         return manifest, _find_whole_model(manifest)
     if not path.exists():
@@ -365,8 +361,8 @@ def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
                    warmup: int) -> dict[str, Any]:
     """One session, one thread, pinned to one core like a node: the reference and baseline.
 
-    `whole` is an onnx.ModelProto or a model's bytes (ONNX or TFLite, told apart by content).
-    Without it (`whole` None) the bundles run in sequence in this process.
+    `whole`: an onnx.ModelProto or a model's bytes (ONNX or TFLite); without it (None) the
+    bundles run in sequence in this process.
     """
     names = [s.name for s in manifest.outputs]
     if whole is not None:
