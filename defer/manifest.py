@@ -15,6 +15,11 @@ for one protobuf (2 GB) keeps its weights in `data_file` beside it, hashed as `d
 for a measured fleet (`compile --cluster`) records the device each stage was placed on as
 `device` (its address; "" when the plan is for no particular device; optional, schema 2).
 
+`model` records `format` (the stages' format: `onnx` or `tflite`), `opset` (ONNX) or
+`tflite_schema` (TFLite), and for a quantized model `quantization` (mode, calibration file,
+float and quantized bytes and ms, top-1 agreement, max relative error); a quantized crossing
+tensor's spec carries `quant` (scale, zero point). All optional, added within schema 2.
+
 Changes from schema 1: `n_nodes`/`first_node`/`last_node` became `n_ops`/`first_op`/`last_op`
 (stage and model); `codec` is one spec string (the per-hop override nothing wrote is gone);
 stages carry `format`.

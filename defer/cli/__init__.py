@@ -58,7 +58,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     """defer: distributed edge inference.
 
     \b
-    defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX stages
+    defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX or TFLite stages
     defer inspect DIR                  show the plan of a compiled model
     defer plan MODEL --cluster C       what k devices, codecs, one more device would give
     defer serve [BUNDLE]               run one stage on this node
