@@ -22,7 +22,8 @@ _DEFAULTS = CompileOptions()
 @click.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-n", "--stages", "n_stages", type=int, default=None,
-              help="Number of stages = devices in the chain (implied by --cut).")
+              help="Number of stages = devices in the chain (implied by --cut; with --cluster, "
+                   "the best count when omitted).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bundles"),
               show_default=True,
               help="Output folder for bundle_<i>.onnx (or .tflite) and manifest.json.")
@@ -70,6 +71,12 @@ _DEFAULTS = CompileOptions()
               help="Calibration samples for --quantize: x.npy (one input, samples along the "
                    "first axis) or x.npz (one array per input name); at most 512 are used.  "
                    "[default: 32 seeded random samples, with a warning]")
+@click.option("--cluster", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Plan for the fleet `defer profile` measured in this cluster.json: each "
+                   "device costed with its own op times and memory, each link with its "
+                   "bandwidth and rtt; chooses the devices, their order and the cuts, and "
+                   "records each stage's device. --bandwidth then prices links it lacks.  "
+                   "[default: devices alike, --speeds]")
 @click.option("--verify", is_flag=True, help="Run the stages in one process and compare with "
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=None,
@@ -143,17 +150,19 @@ def render_plan(manifest: Manifest) -> str:
     plan = manifest.plan
     total = sum(s.compute for s in manifest.stages) or 1.0
     bw = plan.get("bandwidth")
+    links = ("measured links" if isinstance(bw, list) else
+             format_bytes(bw * 8).replace('B', 'bit') + '/s' if bw else 'unlimited')
     formats = sorted({s.format for s in manifest.stages})
     lines = [
         f"model {manifest.model['name']} ({manifest.model.get('n_ops', '?')} ops) -> "
         f"{plan['n_stages']} {'+'.join(formats)} stages, strategy {plan['strategy']}, "
         f"costs from {plan['cost_source']}, "
-        f"bandwidth {format_bytes(bw * 8).replace('B', 'bit') + '/s' if bw else 'unlimited'}",
+        f"bandwidth {links}",
         f"{'stage':>5} {'ops':>5} {'time ms':>8} {'share':>6} {'weights':>10} {'bundle':>10} "
         f"{'sends':>10}  crossing tensors",
     ]
     for s in manifest.stages:
-        names = f"{len(s.sends)} tensor(s)"
+        names = f"{len(s.sends)} tensor(s)" + (f", on {s.device}" if s.device else "")
         lines.append(f"{s.index:>5} {s.n_ops:>5} {s.compute * 1e3:>8.2f} "
                      f"{s.compute / total:>6.1%} {format_bytes(s.weight_bytes):>10} "
                      f"{_bundle_size(manifest, s.index):>10} "
@@ -161,10 +170,24 @@ def render_plan(manifest: Manifest) -> str:
     if manifest.model.get("quantization"):
         lines.append(_quantization(manifest.model["quantization"]))
     lines.append(_summary(plan["strategy"], plan))
+    if plan.get("placement"):
+        lines.append(_placement(plan["placement"], len(manifest.stages)))
     layers = plan.get("baselines", {}).get("layers")
     if layers:
         lines.append(_summary("layers", layers))
     return "\n".join(lines)
+
+
+def _placement(placed: dict, n: int) -> str:
+    """One line: which devices, exact or heuristic, and whether another count is faster."""
+    rates = {int(k): v for k, v in placed["throughput_by_count"].items()}
+    fastest = max(rates, key=lambda k: (rates[k], -k))
+    line = (f"placed on {n} of the {len(rates)} devices of {placed['cluster']} "
+            f"({'exact' if placed['exact'] else 'HEURISTIC: more than 10 devices'}): "
+            + ", ".join(f"{k}: {r:.1f}" for k, r in sorted(rates.items())) + " inf/s by count")
+    if rates[fastest] > rates.get(n, 0.0) * 1.001 and fastest != n:
+        line += f"; {fastest} devices would be faster (see `defer plan`)"
+    return line
 
 
 def _bundle_size(manifest: Manifest, stage: int) -> str:

@@ -16,12 +16,14 @@ import numpy as np
 import onnx
 
 from defer import __version__, progress
+from defer.cluster import Cluster, load_cluster
 from defer.compiler.export import write_bundles
 from defer.compiler.frontend import front_end
 from defer.compiler.graph import GraphInfo, analyse, analyse_orders
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.options import STRATEGIES, CompileOptions, as_options
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
+from defer.compiler.placement import Placement, place_on_cluster
 from defer.compiler.profile import Costs
 from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
@@ -44,6 +46,7 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     `compile_model("m.onnx", 4, "out", bandwidth=12.5e6, profile=False)`.
     """
     opts = as_options(options, n_stages, **overrides)
+    cluster = load_cluster(opts.cluster) if opts.cluster else None  # bad files fail first
     loaded = _load(model, opts)
     front = front_end(loaded.format)
     with progress.phase("analyse"):
@@ -51,7 +54,7 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     info = infos[0]
     log.info("%d ops (%d constant-only ops attached to their consumers)",
              info.n_ops, len(info.const_ops))
-    if opts.n_stages > info.n_ops:
+    if opts.n_stages is not None and opts.n_stages > info.n_ops:
         raise PlanError(f"-n {opts.n_stages} is more stages than the model has ops "
                         f"({info.n_ops}); pass -n {info.n_ops} or fewer")
     measured = front.profile(info, runs=opts.profile_runs) if opts.profile else None
@@ -61,22 +64,20 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
             costs = front.costs(info, measured) if measured else front.estimate(info)
             wire = (measure_wire(info, opts.codec, values=front.crossing_values(info))
                     if opts.codec != "raw" else None)
-            problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
-                                    opts.latency, opts.memory, opts.local_input, opts.overlap,
-                                    wire)
-            candidates.append((_choose_plan(info, problem, opts.strategy, opts.cuts), info,
-                               problem, costs))
+            candidates.append((*_plan(info, costs, wire, opts, cluster), info, costs))
             step()
-    plan, info, problem, costs = min(candidates, key=lambda c: _rank(c[0], candidates[0][0]))
+    plan, problem, placed, info, costs = min(candidates,
+                                             key=lambda c: _rank(c[0], candidates[0][0]))
     baseline = equal_layers(problem)
-    orders = {i.order: {"bottleneck": p.bottleneck, "wire_bytes": p.wire_bytes}
-              for p, i, _, _ in candidates}
-    log.info("plan: %r (%s op order)", plan, info.order)
-    with progress.phase("export", total=opts.n_stages) as step:
+    orders = {c[3].order: {"bottleneck": c[0].bottleneck, "wire_bytes": c[0].wire_bytes}
+              for c in candidates}
+    log.info("plan: %r (%s op order)", placed or plan, info.order)
+    with progress.phase("export", total=len(plan.stage_times)) as step:
         stages = []
         for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
             stages.append(front.stage(info, a, b, i))
             stages[-1][1].compute = _stage_compute(problem, i, a, b)
+            stages[-1][1].device = placed.devices[i] if placed else ""
             step()
         manifest = Manifest(
             model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
@@ -85,14 +86,39 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
                    "outputs": [info.specs[t].to_dict() for t in info.output_names],
                    **({"quantization": loaded.quantization} if loaded.quantization else {})},
             plan={**_plan_record(plan, problem, baseline, costs.source, opts.batch,
-                                 opts.memory, info.order), "op_orders": orders},
+                                 opts.memory, info.order), "op_orders": orders,
+                  **_placement_record(placed, opts)},
             stages=[spec for _, spec in stages],
             codec=opts.codec,
             created_by=f"defer {__version__}",
         )
-        log.info("writing %d bundles to %s", opts.n_stages, out_dir)
+        log.info("writing %d bundles to %s", len(stages), out_dir)
         write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
     return manifest
+
+
+def _plan(info: GraphInfo, costs: Costs, wire: WireCosts | None, opts: CompileOptions,
+          cluster: Cluster | None) -> tuple[Plan, Problem, Placement | None]:
+    """The plan of one op order: placed on `cluster`'s devices, or for `n_stages` devices
+    described by the options (speeds, one bandwidth)."""
+    if cluster is not None:
+        placed = place_on_cluster(info, cluster, costs, wire, opts.n_stages, codec=opts.codec,
+                                  memory=opts.memory, bandwidth=opts.bandwidth,
+                                  latency=opts.latency, local_input=opts.local_input,
+                                  overlap=opts.overlap)
+        return placed.plan, placed.problem, placed
+    problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
+                            opts.latency, opts.memory, opts.local_input, opts.overlap, wire)
+    return _choose_plan(info, problem, opts.strategy, opts.cuts), problem, None
+
+
+def _placement_record(placed: Placement | None, opts: CompileOptions) -> dict:
+    if placed is None:
+        return {}
+    return {"placement": {"cluster": str(opts.cluster), "devices": placed.devices,
+                          "exact": placed.exact,
+                          "throughput_by_count": {str(k): opts.batch / b if b else 0.0
+                                                  for k, b in placed.counts.items()}}}
 
 
 def _load(model: str | Path | onnx.ModelProto | LoadedModel, opts: CompileOptions

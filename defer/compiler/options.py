@@ -24,7 +24,9 @@ class CompileOptions:
     seconds per hop; `cuts` (op or tensor names, or `OpType#k`) replace the strategy; `order`
     picks the op order (see order.py: auto, file, depth, greedy). `format` is the stages'
     format (None: tflite for a .tflite model, else onnx); `quantize` (fp16, int8) quantizes
-    the model first, calibrated on the samples in the `calibration` .npy/.npz."""
+    the model first, calibrated on the samples in the `calibration` .npy/.npz. `cluster`, a
+    cluster.json, plans for that measured fleet (fleet.py, placement.py): it chooses the
+    devices, their order and the cuts (`n_stages` None: the best count)."""
 
     n_stages: int | None = None
     strategy: str = "balanced"
@@ -43,6 +45,7 @@ class CompileOptions:
     format: str | None = None
     quantize: str | None = None
     calibration: str | None = None
+    cluster: str | None = None
 
     def replace(self, **changes) -> CompileOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -58,9 +61,12 @@ class CompileOptions:
                 raise UsageError(f"-n {n_stages} does not match {len(cuts)} --cut points "
                                  f"(which make {len(cuts) + 1} stages); drop -n or fix the cuts")
             n_stages = len(cuts) + 1
-        if n_stages is None:
+        if self.cluster is not None and (cuts or self.strategy != "balanced" or self.speeds):
+            raise UsageError("--cluster chooses the devices and the cuts from what the fleet "
+                             "measured; drop --cut, --strategy layers and --speeds")
+        if n_stages is None and self.cluster is None:
             raise UsageError("how many stages? pass -n N (one per device of the chain)")
-        if n_stages < 1:
+        if n_stages is not None and n_stages < 1:
             raise UsageError(f"-n {n_stages}: need at least one stage; pass -n 1 or more")
         if self.strategy not in STRATEGIES:
             raise UsageError(f"strategy {self.strategy!r} unknown; use one of "

@@ -27,7 +27,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class Placement:
     plan: Plan
     problem: Problem
     exact: bool = True
+    counts: dict[int, float] = field(default_factory=dict)  # best slowest stage per count
 
     @property
     def bottleneck(self) -> float:
@@ -109,11 +110,17 @@ def place_each(fleet: Fleet, counts: Iterable[int] | None = None) -> dict[int, P
 def place_on_cluster(info, cluster, costs, wire, n: int | None, **fleet_options) -> Placement:
     """The compile recipe's step for `--cluster`: the Fleet of `cluster` for this op order,
     codec and options (fleet.build_fleet), and its best chain of `n` devices (None: the count
-    that is best, fewer devices unless more earn WORTHWHILE)."""
+    that is best, fewer devices unless more earn WORTHWHILE). `counts` on the result holds
+    every count's best slowest stage, so a caller can say when fewer devices are faster."""
     fleet = build_fleet(info, cluster, costs, wire, **fleet_options)
-    if n is not None:
-        return place(fleet, n)
-    return best(place_each(fleet))
+    if n is None:
+        placements = place_each(fleet)
+        chosen = best(placements)
+        chosen.counts = {k: p.bottleneck if p else math.inf for k, p in placements.items()}
+    else:
+        chosen = place(fleet, n)
+        chosen.counts = optimal_bottlenecks(fleet)
+    return chosen
 
 
 def best(placements: dict[int, Placement | None], margin: float = WORTHWHILE) -> Placement:

@@ -27,7 +27,7 @@ import numpy as np
 from defer import progress
 from defer.cluster import Cluster
 from defer.compiler.fleet import Fleet, build_fleet
-from defer.compiler.graph import analyse
+from defer.compiler.frontend import front_end
 from defer.compiler.load import LoadedModel
 from defer.compiler.placement import (
     EXACT_LIMIT,
@@ -39,7 +39,6 @@ from defer.compiler.placement import (
     place,
     place_each,
 )
-from defer.compiler.profile import costs_from_profile, estimate_costs, profile
 from defer.compiler.wire import measure_wire
 from defer.errors import PlanError
 from defer.units import format_bytes
@@ -97,13 +96,15 @@ def plan_fleet(loaded: LoadedModel, cluster: Cluster, *, codec: str = "raw",
                local_input: bool = False, overlap: bool = False, batch: int = 1,
                use_profile: bool = True, order: str = "auto") -> FleetPlan:
     """Every what-if of the module docstring for `loaded` on `cluster`."""
+    front = front_end(loaded.format)
     with progress.phase("analyse"):
-        info = analyse(loaded.model, batch=batch, order=order)
-    costs = costs_from_profile(info, profile(info)) if use_profile else estimate_costs(info)
+        info = front.analyse(loaded.model, batch, order)
+    costs = front.costs(info, front.profile(info)) if use_profile else front.estimate(info)
     fleets: dict[str, Fleet] = {}
+    values = front.crossing_values(info) if set(codecs) - {"raw"} or codec != "raw" else {}
     with progress.phase("codecs", total=len({codec, *codecs})) as step:
         for spec in dict.fromkeys([codec, *codecs]):
-            wire = measure_wire(info, spec) if spec != "raw" else None
+            wire = measure_wire(info, spec, values=values) if spec != "raw" else None
             fleets[spec] = build_fleet(info, cluster, costs, wire, codec=spec, memory=memory,
                                        bandwidth=bandwidth, latency=latency,
                                        local_input=local_input, overlap=overlap)
