@@ -9,9 +9,8 @@ from pathlib import Path
 import onnx
 
 from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
-from defer.compiler.graph import analyse
+from defer.compiler.frontend import front_end
 from defer.compiler.load import load_model
-from defer.compiler.profile import estimate_costs
 
 
 def address(i: int, addresses: list[str] | None = None) -> str:
@@ -25,8 +24,9 @@ def synthetic_cluster(model: onnx.ModelProto | Path, speeds: list[float], *,
     """A cluster of len(speeds) nodes (at `addresses`, else made up); `links` overrides the
     rate of (i, j) (-1 = dispatcher), 0 meaning not measured."""
     loaded = load_model(model)
-    info = analyse(loaded.model)
-    costs = estimate_costs(info).node
+    front = front_end(loaded.format)
+    info = front.analyse(loaded.model, 1, "auto")
+    costs = front.estimate(info).node
     costs = costs * model_seconds / costs.sum()
     nodes = [NodeProfile(address(i, addresses), "onnx", 1, 1, memory,
                          {op.name: float(c / speed) for op, c in zip(info.ops, costs)})

@@ -97,6 +97,18 @@ def test_a_cluster_of_another_model_is_refused(model_path, tmp_path):
     assert result.exit_code == 2 and "profiled for another model" in result.output
 
 
+@pytest.mark.keras
+def test_a_tflite_model_is_planned_on_its_own_ops(tmp_path):
+    from tflite_helpers import need_tensorflow, tflite_bytes
+
+    need_tensorflow()
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(tflite_bytes("tiny_cnn"))
+    out, report = _plan(path, tmp_path, synthetic_cluster(path, [1.0, 0.5]), "--codecs",
+                        "raw,q8c:-1")
+    assert [r["n"] for r in report["tables"]["raw"]] == [1, 2] and "q8c:-1" in out
+
+
 def test_help_shows_defaults():
     result = CliRunner().invoke(main, ["plan", "--help"])
     assert result.exit_code == 0 and "[default: raw]" in result.output
