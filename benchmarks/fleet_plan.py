@@ -39,10 +39,34 @@ SHAPED_MBIT = 100
 INFLIGHT = 24
 
 
-def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = None):
+def hop_cost(ctx: Context, loaded, samples) -> dict[str, float]:
+    """A node's CPU per hop beyond its engine on this machine, uncapped: a 2-node ResNet50
+    chain on loopback, each node's CPU minus its onnxruntime time per inference, solved for
+    seconds per message and per byte moved (in + out)."""
+    import numpy as np
+
+    from defer.compiler import compile_model
+    from defer.local import LocalCluster
+
+    manifest = compile_model(loaded, 2, ctx.work_dir / "hop-cost")
+    with LocalCluster(manifest) as cluster:
+        stats = chain_stats(manifest, cluster.addresses, samples[:120], warmup=5)
+    moved = [h["bytes_per_inference"] for h in stats["hops"]]
+    rows = [[1.0, moved[i] + moved[i + 1]] for i in range(2)]
+    extra = [s["cpu_s_per_inference"] - s["ort_ms_per_inference"] / 1e3 for s in stats["stages"]]
+    per_message, per_byte = np.linalg.lstsq(np.array(rows), np.array(extra), rcond=None)[0]
+    per_message, per_byte = max(float(per_message), 0.0), max(float(per_byte), 0.0)
+    ctx.log(f"  hop cost here: {per_message * 1e3:.2f} ms per message + "
+            f"{per_byte * 1e9:.2f} ns per byte (node CPU beyond onnxruntime: "
+            f"{', '.join(f'{e * 1e3:.2f}' for e in extra)} ms)")
+    return {"per_message_s": per_message, "per_byte_s": per_byte}
+
+
+def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = None,
+                      hop: dict[str, float] | None = None):
     """cluster.json as `defer profile` would measure it on capped devices: this machine's op
     costs / quota (the cap slows every op alike), links at the shaped rate (a node's egress)
-    or loopback's."""
+    or loopback's, and `hop` (this machine's hop cost) / quota as each node's hop_cost."""
     from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
     from defer.compiler.graph import analyse
     from defer.compiler.profile import costs_from_profile, profile
@@ -51,7 +75,8 @@ def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = Non
     costs = costs_from_profile(info, profile(info))
     nodes = [NodeProfile(address, "onnx", 1, 1, 2 << 30,
                          {op.name: float(c / quota) for op, c in zip(info.ops, costs.node)},
-                         {"simulated": True})
+                         {"simulated": True, **({"hop_cost": {k: v / quota for k, v in
+                                                              hop.items()}} if hop else {})})
              for address, quota in zip(addresses, quotas)]
     links = []
     for source in [*addresses, DISPATCHER]:
@@ -88,7 +113,8 @@ class CappedNodes:
             nodes: list = []
             self._stack.callback(stop_processes, nodes)
             for bundle, device, host in zip(self.bundles, devices, hosts):
-                prefix = (host.command([]) if host else []) + device.command()
+                # Join the group first: `ip netns exec` remounts /sys, hiding the cgroup files.
+                prefix = device.command() + (host.command([]) if host else [])
                 nodes.append(start_node(bundle, host=host.address if host else "127.0.0.1",
                                         command_prefix=tuple(prefix), timeout=180))
             for device, cores in zip(devices, self.cores):
@@ -218,9 +244,8 @@ def run_codecs(ctx: Context, loaded, cluster_path: Path, cluster, quota_of, samp
     for codec in codecs:
         own = raw_plan if codec == "raw" else compile_model(
             loaded, 4, ctx.work_dir / f"net-{codec}", cluster=str(cluster_path), codec=codec)
-        for plan_name, manifest in (("raw plan", raw_plan), (f"{codec} plan", own)):
-            if plan_name == f"{codec} plan" and codec == "raw":
-                continue
+        plans = [("raw plan", raw_plan)] + ([(f"{codec} plan", own)] if codec != "raw" else [])
+        for plan_name, manifest in plans:
             result = measure(ctx, manifest, cluster, quota_of, samples, codec=codec,
                              shaped_mbit=SHAPED_MBIT)
             result.update(codec=codec, plan=plan_name, bounds=manifest.plan["bounds"],
@@ -260,7 +285,8 @@ def render(results: dict) -> str:
     return "\n".join(parts)
 
 
-def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None):
+def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None,
+             hop: dict[str, float] | None = None):
     """(path, Cluster, {device address: quota}, source) for these quotas: `defer profile`
     against empty nodes so capped (issue 12a), else simulated (see the module docstring)."""
     path = ctx.work_dir / f"cluster-{len(quotas)}-{shaped_mbit or 'lo'}.json"
@@ -268,8 +294,9 @@ def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None):
         from defer.fleet.profile import ProfileOptions, profile_fleet
     except ImportError:
         addresses = [f"127.0.0.1:{7200 + i}" for i in range(len(quotas))]
-        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit)
-        source = "simulated (this machine's profile / quota; no `defer profile` here)"
+        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit, hop)
+        source = ("simulated (this machine's profile / quota; no `defer profile` here)"
+                  + (", hop cost calibrated here / quota" if hop else ""))
     else:
         from defer.examples import example_onnx
 
@@ -289,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=("plans", "fifth", "codecs"),
                         default=["plans", "fifth", "codecs"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fleet_plan.json"))
+    parser.add_argument("--no-hop-cost", action="store_true",
+                        help="leave the nodes' per-hop CPU out of the simulated cluster.json")
     args = parser.parse_args(argv)
     from benchmarks import cgroups
     from defer.compiler.load import load_model, sample_inputs
@@ -305,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(example_onnx("resnet50"))
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(8)] * 50
         results: dict = {}
+        hop = None if args.no_hop_cost else hop_cost(ctx, loaded, samples)
+        results["hop_cost"] = hop
         steps = {"plans": (run_plans, QUOTAS, None), "fifth": (run_fifth, (*QUOTAS, FIFTH), None),
                  "codecs": (run_codecs, QUOTAS, SHAPED_MBIT)}
         for name in args.only:
             step, quotas, shaped = steps[name]
             ctx.log(f"fleet_plan: {name} on {' / '.join(f'{q:g}' for q in quotas)} core")
-            path, cluster, quota_of, source = _cluster(ctx, loaded, quotas, shaped)
+            path, cluster, quota_of, source = _cluster(ctx, loaded, quotas, shaped, hop)
             results[name] = step(ctx, loaded, path, cluster, quota_of, samples)
             results[name]["cluster_source"] = source
     results["elapsed_s"] = time.perf_counter() - started
