@@ -62,19 +62,56 @@ def hop_cost(ctx: Context, loaded, samples) -> dict[str, float]:
     return {"per_message_s": per_message, "per_byte_s": per_byte}
 
 
+def capped_seconds(model: Path, cores: float, count: int = 8) -> float:
+    """Seconds per inference of the whole model in a process capped to `cores` (median of
+    `count` runs after a warm-up): what a device that slow really takes, cold caches and
+    throttling included, which this machine's profile / quota misses."""
+    import subprocess
+
+    from benchmarks import cgroups
+
+    with cgroups.CpuCaps(["timer"]) as (device,):
+        device.cap(cores)
+        out = subprocess.run(device.command([sys.executable, "-m", "benchmarks.fleet_plan",
+                                             "time", str(model), str(count)]),
+                             capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _time_main(model: str, count: int) -> None:
+    """`python -m benchmarks.fleet_plan time MODEL COUNT`: the median seconds per inference."""
+    from defer.engines import load_engine
+    from defer.tensors import random_inputs
+
+    engine = load_engine(Path(model), 1)
+    names = [o.name for o in engine.outputs]
+    (sample,) = random_inputs(engine.inputs, 1, 0)
+    engine.run(names, sample)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        engine.run(names, sample)
+        times.append(time.perf_counter() - start)
+    print(sorted(times)[len(times) // 2])
+
+
 def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = None,
-                      hop: dict[str, float] | None = None):
+                      hop: dict[str, float] | None = None, model: Path | None = None):
     """cluster.json as `defer profile` would measure it on capped devices: this machine's op
-    costs / quota (the cap slows every op alike), links at the shaped rate (a node's egress)
-    or loopback's, and `hop` (this machine's hop cost) / quota as each node's hop_cost."""
+    costs scaled to the whole model's seconds in a process so capped (`model` given; else
+    / quota), links at the shaped rate (a node's egress) or loopback's, and `hop` (this
+    machine's hop cost) / quota as each node's hop_cost."""
     from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
     from defer.compiler.graph import analyse
     from defer.compiler.profile import costs_from_profile, profile
 
     info = analyse(loaded.model)
     costs = costs_from_profile(info, profile(info))
+    here = float(costs.node.sum())
+    scale = {q: (capped_seconds(model, q) / here if model else 1 / q) for q in set(quotas)}
     nodes = [NodeProfile(address, "onnx", 1, 1, 2 << 30,
-                         {op.name: float(c / quota) for op, c in zip(info.ops, costs.node)},
+                         {op.name: float(c * scale[quota]) for op, c in zip(info.ops,
+                                                                           costs.node)},
                          {"simulated": True, **({"hop_cost": {k: v / quota for k, v in
                                                               hop.items()}} if hop else {})})
              for address, quota in zip(addresses, quotas)]
@@ -294,8 +331,12 @@ def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None,
         from defer.fleet.profile import ProfileOptions, profile_fleet
     except ImportError:
         addresses = [f"127.0.0.1:{7200 + i}" for i in range(len(quotas))]
-        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit, hop)
-        source = ("simulated (this machine's profile / quota; no `defer profile` here)"
+        from defer.examples import example_onnx
+
+        model = None if ctx.quick else example_onnx("resnet50")
+        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit, hop, model)
+        source = ("simulated (no `defer profile` here): this machine's profile scaled to "
+                  + ("the whole model timed in a process so capped" if model else "1 / quota")
                   + (", hop cost calibrated here / quota" if hop else ""))
     else:
         from defer.examples import example_onnx
@@ -351,4 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["time"]:
+        _time_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit(main())
