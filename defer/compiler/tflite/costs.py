@@ -12,6 +12,8 @@ An op's cost is its `invoke()` alone. Handing tensors to and from an engine (`se
 measured apart as seconds per byte (`OpTimes.io_seconds_per_byte`, the median over the one-op
 models) and priced at the cuts (`OpTimes.boundary`). Summing whole one-op runs instead counts
 those copies at every op: MobileNetV2's first stages came out 15-30% too slow that way.
+The timing itself is `defer.engines.profiling.time_models` (nodes run it for `defer profile`;
+`median_seconds` is re-exported from there); this module builds the one-op models.
 `estimate_costs` is the fallback without timing: FLOPs and bytes touched at the nominal rates
 the ONNX estimate uses.
 """
@@ -19,11 +21,8 @@ the ONNX estimate uses.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,13 +30,16 @@ import numpy as np
 from defer.compiler.profile import NOMINAL_BYTES_PER_S, NOMINAL_FLOPS
 from defer.compiler.tflite.graph import reads
 from defer.compiler.tflite.slicer import slice_operators
-from defer.engines.litert import LiteRTEngine
+from defer.engines.profiling import median_seconds, time_models
 from defer.tensors import random_inputs
 
 if TYPE_CHECKING:
     from defer.compiler.tflite.graph import TFLiteGraph
 
 log = logging.getLogger(__name__)
+
+__all__ = ["OpTimes", "estimate_costs", "median_seconds", "one_op_models", "time_groups",
+           "time_ops"]
 
 
 @dataclass
@@ -68,51 +70,27 @@ def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
                 threads: int = 1) -> OpTimes:
     """Each group of operators (flatbuffer indices: an op and its constant ops) run alone as
     one model; the groups run in the order given, which must be an execution order, each fed
-    what the groups before it produced."""
+    what the groups before it produced. The timing is `defer.engines.profiling.time_models`,
+    which nodes run too (`defer profile`)."""
     if feeds is None:
         specs = [graph.tensors[t] for t in graph.input_indices]
         feeds = random_inputs(specs, 1, seed=0, batch=graph.batch)[0]
-    values = {graph.index_of[name]: array for name, array in feeds.items()}
-    costs, io_rates = np.zeros(len(groups)), []
-    start = time.perf_counter()
-    for k, group in enumerate(groups):
+    times = time_models(one_op_models(graph, groups), feeds, runs, warmup, threads,
+                        graph.batch)
+    return OpTimes(times.seconds, times.io_seconds_per_byte)
+
+
+def one_op_models(graph: TFLiteGraph, groups: Sequence[Sequence[int]]) -> list[bytes]:
+    """One `.tflite` per group of operators, its signature naming the tensors by their unique
+    names, taking what the group reads from outside and giving everything it produces."""
+    models = []
+    for group in groups:
         operators = [graph.subgraph.operators[i] for i in group]
         produced = [t for op in operators for t in op.outputs if t in graph.tensors]
         inputs = sorted({t for op in operators for t in reads(op)
                          if t in graph.tensors and t not in produced})
-        engine = LiteRTEngine(slice_operators(graph, group, inputs, produced), threads)
-        feed = {graph.names[t]: values[t] for t in inputs}
-        names = [graph.names[t] for t in produced]
-        whole_run = median_seconds(engine, names, feed, runs, warmup)
-        costs[k] = median_seconds(engine, names, feed, runs, 1, invoke_only=True)
-        handed = sum(values[t].nbytes for t in inputs) + sum(graph.tensor_bytes(t)
-                                                              for t in produced)
-        if handed:
-            io_rates.append(max(0.0, whole_run - costs[k]) / handed)
-        values.update(zip(produced, engine.run(names, feed)))
-    times = OpTimes(costs, float(np.median(io_rates)) if io_rates else 0.0)
-    log.info("timed %d ops as one-op models (%d runs each) in %.1f s: %.2f ms of invoke in "
-             "all, %.3f ns per byte handed in or out", len(groups), runs,
-             time.perf_counter() - start, 1e3 * costs.sum(), 1e9 * times.io_seconds_per_byte)
-    return times
-
-
-def median_seconds(engine, names: list[str], feed: dict[str, np.ndarray], runs: int = 20,
-                   warmup: int = 3, invoke_only: bool = False) -> float:
-    """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs;
-    `invoke_only` (a LiteRTEngine): of the interpreter's invoke, inputs set beforehand."""
-    call = partial(engine.run, names, feed)
-    if invoke_only:
-        call()  # sets the inputs
-        call = engine.interpreter.invoke
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        tick = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+        models.append(slice_operators(graph, group, inputs, produced))
+    return models
 
 
 def estimate_costs(graph: TFLiteGraph) -> np.ndarray:
