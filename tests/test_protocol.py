@@ -42,6 +42,23 @@ CASES: list[p.Message] = [
     p.Ping(request_id=11),
     p.Pong(request_id=11),
     p.Shutdown(drain=False),
+    p.Hello(role="probe", node_id="doctor", challenge="aa" * 32),
+    p.Profile(request_id=12, mode="kernels", models=(b"\x08\x07onnx" * 5,), runs=7, warmup=2,
+              batch=4),
+    p.Profile(request_id=13, mode="models", models=(b"TFL3" * 3, b"", b"x" * 9),
+              levels=("basic",)),
+    p.ProfileResult(request_id=12, engine="onnx", threads=1, cores=4, memory_free=1 << 30,
+                    seconds=1.5, levels={"basic": {"kernels": {"conv1": 0.002, "fc/MatMul": 1e-6},
+                                                   "reorder_seconds": 0.0, "reorder_bytes": 0},
+                                         "all": {"kernels": {"conv1_nchwc": 0.0015},
+                                                 "reorder_seconds": 1e-4,
+                                                 "reorder_bytes": 4096}}),
+    p.ProfileResult(request_id=13, engine="tflite", threads=2, cores=1, memory_free=0,
+                    seconds=0.25, model_seconds=(1e-3, 0.0, 2.5e-4), io_seconds_per_byte=1e-10),
+    p.Echo(request_id=14, payload=bytes(1000), reply_size=0),
+    p.Echo(request_id=15, reply_size=1 << 20),
+    p.LinkTest(request_id=16, target="[::1]:7002", max_size=1 << 20, seconds=0.1),
+    p.LinkResult(request_id=16, target="10.0.0.2:7000", samples=((0, 1e-4), (65536, 0.03))),
 ]
 IDS = [f"{i}-{type(m).__name__}" for i, m in enumerate(CASES)]
 
@@ -213,6 +230,42 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
     (_frame(2, {"f": {"sha256": "00" * 32}, "s": []}), "exactly one"),
     (_frame(9, {"f": {}, "s": [{"size": 0}]}), "no payload"),
     (_frame(1, {"f": {}, "s": []}, n_seg=3), "announces"),
+    *[(_frame(12, {"f": {"mode": "kernels", "levels": ["basic"], "runs": 1, "warmup": 0,
+                         "batch": 1, **bad}, "s": [{"size": 8}] * segments}, bytes(8 * segments)),
+       match) for bad, segments, match in [
+          ({}, 2, "exactly one model"), ({}, 0, "exactly one model"),
+          ({"mode": "models"}, 0, "models"), ({"mode": "layers"}, 1, "mode"),
+          ({"levels": []}, 1, "levels"), ({"levels": ["basic", "basic"]}, 1, "levels"),
+          ({"levels": ["fast"]}, 1, "levels"), ({"runs": 0}, 1, "runs"),
+          ({"batch": 10**6}, 1, "batch")]],
+    *[(_frame(13, {"f": {"engine": "onnx", "threads": 1, "cores": 1, "memory_free": 0,
+                         "seconds": 0.1}, "s": [{"size": len(report)}]},
+              report + bytes(-len(report) % 8)), match) for report, match in [
+          (b"\xff\xfe", "UTF-8 JSON"), (b"[1]", "object"), (b"[" * 5000, "UTF-8 JSON"),
+          (b'{"levels": {"fast": {}}, "model_seconds": [], "io_seconds_per_byte": 0}', "levels"),
+          (b'{"levels": {"basic": {}}, "model_seconds": [], "io_seconds_per_byte": 0}',
+           "kernels"),
+          (b'{"levels": {"basic": {"kernels": {"a": -1}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {"basic": {"kernels": {"a": NaN}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {"basic": {"kernels": {"": 1}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}',
+           "characters"),
+          (b'{"levels": {}, "model_seconds": ["1"], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {}, "model_seconds": [], "io_seconds_per_byte": Infinity}', "finite"),
+          (b'{"levels": {}, "model_seconds": {}, "io_seconds_per_byte": 0}', "list")]],
+    (_frame(13, {"f": {"engine": "onnx", "threads": 1, "cores": 1, "memory_free": 0,
+                       "seconds": 1e9}, "s": [{"size": 0}]}), "duration"),
+    (_frame(14, {"f": {"reply_size": 2**40}, "s": [{"size": 0}]}), "reply_size"),
+    (_frame(14, {"f": {"reply_size": 0}, "s": []}), "one payload"),
+    (_frame(15, {"f": {"target": "dispatcher", "max_size": 1, "seconds": 0.1}, "s": []}),
+     "host:port"),
+    (_frame(15, {"f": {"target": "h:1", "max_size": 1, "seconds": -1}, "s": []}), "duration"),
+    (_frame(16, {"f": {"target": "h:1", "samples": []}, "s": []}), "samples"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[1, 2, 3]]}, "s": []}), "bytes, seconds"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[-1, 0.1]]}, "s": []}), "samples"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[1, 0.1]] * 300}, "s": []}), "samples"),
 ])
 def test_malformed_frames_raise_protocol_error(frame, match):
     decoder = p.Decoder()
@@ -225,7 +278,8 @@ def test_an_unauthenticated_peer_may_send_small_hellos_only():
     decoder = p.Decoder(p.HANDSHAKE_LIMITS)
     decoder.feed(p.encode(CASES[1]))
     assert decoder.next() == CASES[1]
-    for msg in (CASES[3], CASES[6]):  # a Load and an Infer: payloads are refused outright
+    probes = [m for m in CASES if isinstance(m, p.Profile | p.Echo)]
+    for msg in (CASES[3], CASES[6], *probes):  # payloads are refused outright
         decoder = p.Decoder(p.HANDSHAKE_LIMITS)
         decoder.feed(p.encode(msg))
         with pytest.raises(ProtocolError, match="segments|limit"):

@@ -20,7 +20,11 @@ from defer.runtime.protocol.fields import (
     _bad,
     _int,
 )
-from defer.runtime.protocol.messages import _BY_TYPE, Message, MsgType
+from defer.runtime.protocol.messages import _BY_TYPE as _CORE_TYPES
+from defer.runtime.protocol.messages import Message, MsgType
+from defer.runtime.protocol.probes import PROBES
+
+_BY_TYPE = {**_CORE_TYPES, **{cls.TYPE: cls for cls in PROBES}}
 
 # --- frame layout -----------------------------------------------------------------------------
 #
