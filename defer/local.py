@@ -55,7 +55,8 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
                timeout: float = 60.0, command_prefix: tuple[str, ...] = (),
                token: str | None = None, tls_cert: str | Path | None = None,
                tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
-               heartbeat: float | None = None, http_port: int | None = None) -> NodeProcess:
+               heartbeat: float | None = None, http_port: int | None = None,
+               max_model_size: int | None = None) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
     `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
@@ -74,7 +75,7 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
         args += ["--cpu", str(cpu)]
     for option, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
                           ("--tls-ca", tls_ca), ("--heartbeat", heartbeat),
-                          ("--http-port", http_port)):
+                          ("--http-port", http_port), ("--max-model-size", max_model_size)):
         if value is not None:
             args += [option, str(value)]
     if bundle is not None:
