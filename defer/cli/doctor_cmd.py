@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from defer.cli.common import heartbeat_option, resolve_token, token_options
+from defer.cli.common import heartbeat_option, resolve_token, tls_ca_option, token_options
 from defer.errors import NodeError
 from defer.fleet.doctor import OK, DoctorOptions, DoctorReport
 
@@ -22,9 +22,7 @@ _DEFAULTS = DoctorOptions()
 @click.option("--nodes", required=True, metavar="H:P,H:P,...",
               help="Node addresses in stage order, comma-separated, as for `defer dispatch`.")
 @token_options
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Connect to nodes with TLS, verifying them against this CA "
-                                 "(PEM).  [default: plain TCP]")
+@tls_ca_option
 @click.option("--timeout", type=float, default=_DEFAULTS.timeout, show_default=True,
               help="Seconds to connect, finish HELLO, or answer one request.")
 @click.option("--links/--no-links", default=_DEFAULTS.links, show_default=True,

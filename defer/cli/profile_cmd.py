@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from defer import progress
-from defer.cli.common import resolve_token, token_options
+from defer.cli.common import resolve_token, tls_ca_option, token_options
 from defer.cluster import Cluster
 from defer.fleet.profile import ProfileOptions
 from defer.units import format_bytes
@@ -28,9 +28,7 @@ _DEFAULTS = ProfileOptions(nodes=())
 @click.option("--skip-bad", is_flag=True,
               help="Leave out nodes (and links) that fail, instead of writing nothing.")
 @token_options
-@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Connect to nodes with TLS, verifying them against this CA "
-                                 "(PEM).  [default: plain TCP]")
+@tls_ca_option
 @click.option("--runs", type=int, default=_DEFAULTS.runs, show_default=True,
               help="Timed runs per op on each node (the median is kept).")
 @click.option("--warmup", type=int, default=_DEFAULTS.warmup, show_default=True,
