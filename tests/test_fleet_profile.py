@@ -217,3 +217,32 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.keras
+def test_a_tflite_model_is_timed_as_one_op_models_on_the_node(tmp_path):
+    from tflite_helpers import need_tensorflow, tflite_bytes
+
+    need_tensorflow()
+    from defer.compiler.tflite import read_tflite
+
+    path = tmp_path / "tiny_cnn.tflite"
+    path.write_bytes(tflite_bytes("tiny_cnn"))
+    graph = read_tflite(path)
+    from defer.compiler.tflite.costs import one_op_models
+
+    sizes = [len(m) for m in one_op_models(graph, [graph.operator_indices(k, k + 1)
+                                                   for k in range(graph.n_ops)])]
+    node = start_node(token=TOKEN, max_model_size=max(max(sizes), sum(sizes) // 2))
+    try:
+        out = tmp_path / "cluster.json"
+        code, output = _profile(path, [node.address], out, "--runs", "3", "--no-links")
+        assert code == 0, output
+        profiled = load_cluster(out).nodes[0]
+    finally:
+        stop_processes([node])
+    assert profiled.engine == "tflite" and profiled.extra["profile_chunks"] > 1
+    assert list(profiled.op_costs) == [op.name for op in graph.ops]
+    assert all(c >= 0 for c in profiled.op_costs.values()) and sum(
+        profiled.op_costs.values()) > 0
+    assert profiled.extra["io_seconds_per_byte"] >= 0
