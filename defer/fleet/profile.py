@@ -37,7 +37,8 @@ from defer.fleet.work import BadProfile, TooSmall, Work, prepare
 from defer.runtime.channel import client_tls
 from defer.runtime.links import DEFAULT_MAX_SIZE, DEFAULT_SECONDS, measure_link
 from defer.runtime.probe import Probe, open_probe
-from defer.runtime.protocol import ProfileResult
+from defer.runtime.probing import MAX_MODEL_CEILING
+from defer.runtime.protocol import MAX_TRANSFER, ProfileResult
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ class ProfileOptions:
             raise UsageError("a node is listed twice in --nodes")
         if self.runs < 1 or self.warmup < 0 or self.batch < 1:
             raise UsageError("--runs and --batch must be >= 1, --warmup >= 0")
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            raise UsageError("timeouts must be > 0 seconds")
+        if self.timeout <= 0 or self.connect_timeout <= 0 or self.link_seconds <= 0:
+            raise UsageError("timeouts and --link-seconds must be > 0 seconds")
+        if not 0 < self.link_max_size <= MAX_TRANSFER:
+            raise UsageError(f"link test transfers must be 1..{MAX_TRANSFER} bytes")
         return dataclasses.replace(self, nodes=tuple(self.nodes), token=self.token or None)
 
 
@@ -152,7 +155,7 @@ async def _profile_nodes(probes: dict[str, Probe], problems: dict[str, str], wor
 
 async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
                         on_step: Observer) -> NodeProfile:
-    max_size = int(probe.info.get("max_model_size") or 0)
+    max_size = int(probe.info.get("max_model_size") or MAX_MODEL_CEILING)
     try:
         requests = work.requests(max_size)
     except TooSmall as err:

@@ -105,14 +105,11 @@ class ProbeService:
                  msg.size / 2**20, msg.mode, msg.runs)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        levels, seconds, io_rate, engine = await loop.run_in_executor(
-            self.executor, _run_profile, msg, self.threads)
+        measured = await loop.run_in_executor(self.executor, _run_profile, msg, self.threads)
         took = time.perf_counter() - start
         log.info("profiled in %.2f s", took)
-        return ProfileResult(engine=engine, threads=self.threads,
-                             cores=len(os.sched_getaffinity(0)),
-                             memory_free=memory_available() or 0, seconds=took, levels=levels,
-                             model_seconds=seconds, io_seconds_per_byte=io_rate)
+        return ProfileResult(threads=self.threads, cores=len(os.sched_getaffinity(0)),
+                             memory_free=memory_available() or 0, seconds=took, **measured)
 
     async def _link_test(self, msg: LinkTest) -> LinkResult:
         async with open_probe(msg.target, self.token, self.client_tls, self.timeout,
@@ -122,16 +119,17 @@ class ProbeService:
         return LinkResult(target=msg.target, samples=tuple(samples))
 
 
-def _run_profile(msg: Profile, threads: int):
-    """In the engine thread: (levels, model seconds, I/O rate, engine format)."""
+def _run_profile(msg: Profile, threads: int) -> dict[str, Any]:
+    """In the engine thread: the measured fields of the PROFILE_RESULT."""
     try:
         if msg.mode == "kernels":
-            levels = {level: profile_onnx(msg.models[0], level, threads, msg.runs, msg.warmup,
-                                          batch=msg.batch).to_dict() for level in msg.levels}
-            return levels, (), 0.0, "onnx"
+            return {"engine": "onnx", "levels": {
+                level: profile_onnx(msg.models[0], level, threads, msg.runs, msg.warmup,
+                                    batch=msg.batch).to_dict() for level in msg.levels}}
         times = time_models(msg.models, None, msg.runs, msg.warmup, threads, msg.batch)
-        return {}, tuple(float(s) for s in times.seconds), times.io_seconds_per_byte, \
-            detect_format(msg.models[0])
+        return {"engine": detect_format(msg.models[0]),
+                "model_seconds": tuple(float(s) for s in times.seconds),
+                "io_seconds_per_byte": times.io_seconds_per_byte}
     except DeferError:
         raise
     except Exception as err:  # noqa: BLE001 - engines' errors share no base class
