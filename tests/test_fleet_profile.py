@@ -127,10 +127,11 @@ def test_a_node_killed_mid_profile_is_named_and_nothing_is_written(model_path, t
 
     try:
         options = ProfileOptions(nodes=(good.address, victim.address), token=TOKEN,
-                                 sequential=True, runs=400, links=False)
+                                 sequential=True, runs=150, links=False)
         with pytest.raises(FleetError) as failed:
             profile_fleet(model_path, options, on_step=kill_once_profiling)
         killer[0].join()
+        assert "profiled in" not in victim.log_tail(20)  # it died mid-profile
         assert list(failed.value.problems) == [victim.address]
         line = failed.value.problems[victim.address]
         assert victim.address in line and "connection lost during PROFILE" in line, line
