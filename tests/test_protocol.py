@@ -49,10 +49,11 @@ CASES: list[p.Message] = [
               levels=("basic",)),
     p.ProfileResult(request_id=12, engine="onnx", threads=1, cores=4, memory_free=1 << 30,
                     seconds=1.5, levels={"basic": {"kernels": {"conv1": 0.002, "fc/MatMul": 1e-6},
-                                                   "reorder_seconds": 0.0, "reorder_bytes": 0},
+                                                   "reorder_seconds": 0.0, "reorder_bytes": 0,
+                                                   "run_seconds": 0.003},
                                          "all": {"kernels": {"conv1_nchwc": 0.0015},
                                                  "reorder_seconds": 1e-4,
-                                                 "reorder_bytes": 4096}}),
+                                                 "reorder_bytes": 4096, "run_seconds": 0.002}}),
     p.ProfileResult(request_id=13, engine="tflite", threads=2, cores=1, memory_free=0,
                     seconds=0.25, model_seconds=(1e-3, 0.0, 2.5e-4), io_seconds_per_byte=1e-10),
     p.Echo(request_id=14, payload=bytes(1000), reply_size=0),
@@ -252,6 +253,8 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
           (b'{"levels": {"basic": {"kernels": {"": 1}, "reorder_seconds": 0, '
            b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}',
            "characters"),
+          (b'{"levels": {"all": {"kernels": {}, "reorder_seconds": 0, "reorder_bytes": 0, '
+           b'"run_seconds": -1}}, "model_seconds": [], "io_seconds_per_byte": 0}', "run_seconds"),
           (b'{"levels": {}, "model_seconds": ["1"], "io_seconds_per_byte": 0}', "finite"),
           (b'{"levels": {}, "model_seconds": [], "io_seconds_per_byte": Infinity}', "finite"),
           (b'{"levels": {}, "model_seconds": {}, "io_seconds_per_byte": 0}', "list")]],

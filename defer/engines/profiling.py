@@ -12,6 +12,8 @@ profile and a node's PROFILE request (`defer profile`) share.
         the order given, fed by tensor name from `feeds` and what the models before it produced
         (inputs nobody provides get seeded random values). An op's cost is its invoke alone;
         handing tensors in and out is measured apart, as seconds per byte.
+Both scale their medians to the wall time the runs really took (KernelProfile says why), so a
+device capped to a share of a core is profiled right.
 
 Seconds per *kernel* (or per given model) is all this module knows: mapping kernels onto a
 graph's ops, and pricing cuts, is the compiler's job (`defer.compiler.profile`,
@@ -45,27 +47,37 @@ LEVELS = ("basic", "all")  # onnxruntime graph optimisation levels a profile may
 
 @dataclass
 class KernelProfile:
-    """What one onnxruntime profile says: median seconds per kernel name, and the layout
-    reorders' total seconds and output bytes per run (warm-up runs dropped)."""
+    """What one onnxruntime profile says: seconds per kernel name, the layout reorders'
+    seconds and output bytes (summed over the runs: only their ratio is used), and the median
+    wall time of one whole run (warm-up runs dropped).
+
+    A kernel's seconds are its median, scaled so that the kernels add up to the median whole
+    run: on an idle core that adds the executor's few percent between kernels; on a device
+    capped to a share of a core (a cgroup quota) it is what makes the profile right at all,
+    since a quota's pauses land inside a few kernels of each run and the per-kernel medians
+    skip them (0.2 core: the medians add up to a fifth of the wall time)."""
 
     kernels: dict[str, float]
     reorder_seconds: float = 0.0
     reorder_bytes: int = 0
+    run_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"kernels": self.kernels, "reorder_seconds": self.reorder_seconds,
-                "reorder_bytes": self.reorder_bytes}
+                "reorder_bytes": self.reorder_bytes, "run_seconds": self.run_seconds}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KernelProfile:
         return cls({str(k): float(v) for k, v in d["kernels"].items()},
-                   float(d.get("reorder_seconds", 0.0)), int(d.get("reorder_bytes", 0)))
+                   float(d.get("reorder_seconds", 0.0)), int(d.get("reorder_bytes", 0)),
+                   float(d.get("run_seconds", 0.0)))
 
     def merged(self, other: KernelProfile) -> KernelProfile:
         """Both profiles as one (kernels of separately profiled chunks of one model)."""
         return KernelProfile({**self.kernels, **other.kernels},
                              self.reorder_seconds + other.reorder_seconds,
-                             self.reorder_bytes + other.reorder_bytes)
+                             self.reorder_bytes + other.reorder_bytes,
+                             self.run_seconds + other.run_seconds)
 
 
 @dataclass
@@ -133,8 +145,11 @@ def _events(path: str) -> Iterator[dict]:
 
 def _summarise(events: Iterable[dict], warmup: int) -> KernelProfile:
     durations: dict[str, list[float]] = defaultdict(list)
+    whole_runs: list[float] = []
     reorder_s, reorder_b = 0.0, 0
     for event in events:
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            whole_runs.append(event["dur"] * 1e-6)
         if event.get("cat") != "Node":
             continue
         name = event.get("name", "")
@@ -145,17 +160,29 @@ def _summarise(events: Iterable[dict], warmup: int) -> KernelProfile:
             reorder_s += event["dur"] * 1e-6
             reorder_b += int(args.get("output_size", 0))
     kernels = {name: statistics.median(d[warmup:] or d) for name, d in durations.items()}
-    return KernelProfile(kernels, reorder_s, reorder_b)
+    run = statistics.median(whole_runs[warmup:] or whole_runs) if whole_runs else 0.0
+    scale = _wall_scale(run, sum(kernels.values()))
+    return KernelProfile({name: seconds * scale for name, seconds in kernels.items()},
+                         reorder_s * scale, reorder_b, run)
+
+
+def _wall_scale(wall: float, summed: float) -> float:
+    """wall / summed, the factor that makes per-kernel medians add up to a whole run's wall
+    time (see KernelProfile); 1 when either is unknown."""
+    return wall / summed if wall > 0 and summed > 0 else 1.0
 
 
 def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
                 feeds: Mapping[str, np.ndarray] | None = None, runs: int = 10,
                 warmup: int = 3, threads: int = 1, batch: int = 1,
                 on_model: Callable[[], None] | None = None) -> ModelTimes:
-    """Each model run alone, in order, on what the models before it produced (see above)."""
+    """Each model run alone, in order, on what the models before it produced (see above).
+
+    Per model the median; then all are scaled by the timed runs' total over the medians' (x
+    runs), for the reason KernelProfile gives: a quota's pauses land in a few runs only."""
     values = dict(feeds or {})
     costs, io_rates = np.zeros(len(models)), []
-    start = time.perf_counter()
+    start, timed = time.perf_counter(), 0.0
     for k, model in enumerate(models):
         engine = load_engine(model, threads)
         missing = [spec for spec in engine.inputs if spec.name not in values]
@@ -163,9 +190,10 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
             values.update(seeded_feeds(missing, batch))
         feed = {spec.name: values[spec.name] for spec in engine.inputs}
         names = [spec.name for spec in engine.outputs]
-        whole_run = median_seconds(engine, names, feed, runs, warmup)
-        costs[k] = median_seconds(engine, names, feed, runs, 1,
-                                  invoke_only=engine.format == "tflite")
+        whole_run = statistics.median(run_seconds(engine, names, feed, runs, warmup))
+        invokes = run_seconds(engine, names, feed, runs, 1,
+                              invoke_only=engine.format == "tflite")
+        costs[k], timed = statistics.median(invokes), timed + sum(invokes)
         outputs = engine.run(names, feed)
         handed = sum(a.nbytes for a in feed.values()) + sum(np.asarray(a).nbytes
                                                             for a in outputs)
@@ -174,10 +202,12 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
         values.update(zip(names, outputs))
         if on_model is not None:
             on_model()
-    times = ModelTimes(costs, float(np.median(io_rates)) if io_rates else 0.0)
-    log.info("timed %d one-op models (%d runs each) in %.1f s: %.2f ms of invoke in all, "
-             "%.3f ns per byte handed in or out", len(models), runs,
-             time.perf_counter() - start, 1e3 * costs.sum(), 1e9 * times.io_seconds_per_byte)
+    scale = _wall_scale(timed, runs * float(costs.sum()))
+    times = ModelTimes(costs * scale, scale * float(np.median(io_rates)) if io_rates else 0.0)
+    log.info("timed %d one-op models (%d runs each) in %.1f s: %.2f ms of invoke in all "
+             "(medians x %.2f), %.3f ns per byte handed in or out", len(models), runs,
+             time.perf_counter() - start, 1e3 * times.seconds.sum(), scale,
+             1e9 * times.io_seconds_per_byte)
     return times
 
 
@@ -185,6 +215,12 @@ def median_seconds(engine: Engine, names: list[str], feed: Mapping[str, np.ndarr
                    runs: int = 20, warmup: int = 3, invoke_only: bool = False) -> float:
     """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs;
     `invoke_only` (a LiteRT engine): of the interpreter's invoke, inputs set beforehand."""
+    return statistics.median(run_seconds(engine, names, feed, runs, warmup, invoke_only))
+
+
+def run_seconds(engine: Engine, names: list[str], feed: Mapping[str, np.ndarray],
+                runs: int = 20, warmup: int = 3, invoke_only: bool = False) -> list[float]:
+    """Seconds of each of `runs` runs (see median_seconds)."""
     call = partial(engine.run, names, feed)
     if invoke_only:
         call()  # sets the inputs
@@ -196,4 +232,4 @@ def median_seconds(engine: Engine, names: list[str], feed: Mapping[str, np.ndarr
         tick = time.perf_counter()
         call()
         times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    return times

@@ -113,7 +113,7 @@ class ProfileResult(_Base):
     `cores`, `memory_free` (bytes; 0 = unknown), `seconds` the profile took.
 
     "kernels": `levels` maps each level to {"kernels": {name: seconds}, "reorder_seconds",
-    "reorder_bytes"} (defer.engines.profiling.KernelProfile); "models": `model_seconds` per
+    "reorder_bytes", "run_seconds"} (defer.engines.profiling.KernelProfile); "models": `model_seconds` per
     model and `io_seconds_per_byte`. The report travels as one JSON segment."""
 
     TYPE = MsgType.PROFILE_RESULT
@@ -171,7 +171,8 @@ def _check_levels(v: Any) -> dict[str, dict[str, Any]]:
             kernels[name] = _finite(seconds, f"kernel {name[:60]!r}")
         levels[level] = {"kernels": kernels,
                          "reorder_seconds": _finite(d.get("reorder_seconds"), "reorder_seconds"),
-                         "reorder_bytes": _int(d.get("reorder_bytes"), "reorder_bytes")}
+                         "reorder_bytes": _int(d.get("reorder_bytes"), "reorder_bytes"),
+                         "run_seconds": _finite(d.get("run_seconds", 0.0), "run_seconds")}
     return levels
 
 
