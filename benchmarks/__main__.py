@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, gateway, network, overhead, partition
+from benchmarks import compute, gateway, network, overhead, partition, trace
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network", "gateway")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3),
                       work_dir=Path(tmp), count=args.count or (60 if args.quick else 200),
                       log=lambda line: print(line, flush=True))
-        results, tables = _run_all(ctx, args.only)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results, tables = _run_all(ctx, args.only, args.out)
     elapsed = time.perf_counter() - started
     report = {"command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
               "quick": args.quick, "runs": ctx.runs, "count": ctx.count,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
+def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]:
     from defer.compiler import compile_model, load_model
     from defer.compiler.load import sample_inputs
     from defer.examples import example_onnx
@@ -84,6 +85,10 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
         ctx.log("scenario 6: the gateway under load (16 clients, a chain killed, batching)")
         results["gateway"] = gateway.run(ctx, loaded)
         tables.append(gateway.render(results["gateway"]))
+    if "trace" in only:
+        ctx.log("scenario 7: tracing's cost, and a trace drawn")
+        results["trace"] = trace.run(ctx, loaded, samples, png=out / "trace.png")
+        tables.append(trace.render(results["trace"]))
     return results, tables
 
 

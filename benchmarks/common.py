@@ -33,6 +33,17 @@ def fmt_spread(s: dict, digits: int = 2, unit: str = "") -> str:
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
 
 
+def write_result(path: Path, result: dict, text: str) -> int:
+    """A scenario's own command ends here: its figures as JSON at `path`, its table printed."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"all figures: {path}")
+    return 0
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

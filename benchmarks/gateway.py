@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Context, fmt_spread, single_device, spread, table
+from benchmarks.common import Context, fmt_spread, single_device, spread, table, write_result
 
 CLIENTS = 16
 PARTS = ("failover", "scale", "batching")
@@ -125,7 +125,7 @@ def _nodes(manifest, cores: list[int]) -> list:
 
 
 def _serve(manifest, nodes, per_chain: int, work: Path, args: tuple[str, ...] = ()):
-    from defer.serving.launch import start_gateway
+    from defer.local import start_gateway
 
     chains = [[n.address for n in nodes[i:i + per_chain]]
               for i in range(0, len(nodes), per_chain)]
@@ -253,7 +253,6 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import logging
     import tempfile
 
@@ -273,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3),
                       work_dir=Path(tmp), count=0)
         result = run(ctx, load_model(example_onnx("resnet50")), tuple(args.only))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result))
-    print(f"all figures: {args.out}")
-    return 0
+    return write_result(args.out, result, render(result))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ above both the compiler and the runtime.
 Start N `defer serve` processes on loopback (port 0, each pinned to a core, one engine thread),
 wait for their ready lines (never a fixed sleep), dispatch, and compare with one process running
 the whole model: fidelity and throughput side by side. Every process is stopped on exit, error
-or Ctrl-C: SHUTDOWN, then terminate, then kill.
+or Ctrl-C: SHUTDOWN, then terminate, then kill. `start_gateway` starts `defer gateway` the
+same way (its ready line names its ports).
 """
 from __future__ import annotations
 
@@ -35,19 +36,63 @@ from defer.tensors import Sample, random_inputs
 log = logging.getLogger(__name__)
 
 @dataclass
-class NodeProcess:
-    """A running `defer serve` subprocess and the address it listens on."""
+class Process:
+    """A started defer subprocess (`defer serve`, `defer gateway`) and its log (stderr)."""
 
     process: subprocess.Popen
-    address: str
     log_path: Path
-    http_address: str | None = None  # with http_port: where /health and /metrics answer
 
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM (a defer process drains and exits 0), SIGKILL after `grace` s; exit code."""
+        stop_processes([self], grace=grace)
+        return self.process.returncode
+
+
+@dataclass
+class NodeProcess(Process):
+    """A running `defer serve` and the address it listens on."""
+
+    address: str = ""
+    http_address: str | None = None  # with http_port: where /health and /metrics answer
+
+
+@dataclass
+class GatewayProcess(Process):
+    """A running `defer gateway` and the addresses it serves."""
+
+    addresses: dict[str, str] = field(default_factory=dict)  # http, grpc, metrics -> host:port
+
+    @property
+    def http(self) -> str:
+        return self.addresses["http"]
+
+    @property
+    def grpc(self) -> str:
+        return self.addresses["grpc"]
+
+    @property
+    def metrics(self) -> str:
+        return self.addresses["metrics"]
+
+
+def _spawn(args: list[str], log_path: str | Path | None, prefix: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start `args` with stdout piped (for its ready line) and stderr to `log_path` (a temp
+    file by default)."""
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+        os.close(fd)
+        log_path = name
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
+                                   stdin=subprocess.DEVNULL, env=env)
+    return process, Path(log_path)
 
 
 def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
@@ -64,11 +109,6 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
     log's tail, if it exits or stays silent for `timeout` seconds. The token reaches the child
     in DEFER_TOKEN, never on its command line (which `ps` shows).
     """
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="defer-node-", suffix=".log")
-        os.close(fd)
-        log_path = name
-    log_path = Path(log_path)
     args = [*command_prefix, sys.executable, "-m", "defer", "serve", "--host", host, "--port", str(port),
             "--threads", str(threads)]
     if cpu is not None:
@@ -84,20 +124,46 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
            if k not in ("DEFER_TOKEN", "DEFER_TOKEN_FILE", "DEFER_HTTP_PORT")}
     if token is not None:
         env["DEFER_TOKEN"] = token
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
-                                   stdin=subprocess.DEVNULL, env=env)
-    node = NodeProcess(process, "", log_path)
+    node = NodeProcess(*_spawn(args, log_path, "defer-node-", env))
     try:
-        node.address, _, node.http_address = _wait_ready(process, timeout).partition(" http ")
-        node.http_address = node.http_address or None
+        line = _ready_line(node, timeout, "node")
+        if not line.startswith(READY_PREFIX):
+            raise StartupError(f"node (pid {node.process.pid}) printed {line!r}, not a ready "
+                               "line")
+        # "HOST:PORT" or "HOST:PORT http HOST:PORT"
+        node.address, _, http = line[len(READY_PREFIX):].strip().partition(" http ")
+        node.http_address = http or None
     except BaseException:
         stop_processes([node])
         raise
     return node
 
 
-def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
+def start_gateway(manifest: str | Path, chains: list[list[str]], *, args: tuple[str, ...] = (),
+                  log_path: str | Path | None = None, timeout: float = 60.0) -> GatewayProcess:
+    """`python -m defer gateway` over `chains` on free ports (override with `args`); returns
+    once it printed its ready line. StartupError, with the log's tail, otherwise."""
+    from defer.serving.ready import parse_ready_line
+
+    command = [sys.executable, "-m", "defer", "gateway", "--manifest", str(manifest),
+               "--nodes", ",".join(chains[0])]
+    for chain in chains[1:]:
+        command += ["--chain", ",".join(chain)]
+    command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
+    gateway = GatewayProcess(*_spawn(command, log_path, "defer-gateway-"))
+    try:
+        gateway.addresses = parse_ready_line(_ready_line(gateway, timeout, "gateway"))
+    except BaseException as err:
+        gateway.stop(grace=5.0)
+        if isinstance(err, StartupError):
+            raise StartupError(f"{err}\n{gateway.log_tail()}") from None
+        raise
+    return gateway
+
+
+def _ready_line(started: Process, timeout: float, what: str) -> str:
+    """The first line `started` prints on stdout: a defer process's ready line (never a sleep)."""
+    process = started.process
     deadline = time.monotonic() + timeout
     buffer = b""
     with selectors.DefaultSelector() as selector:
@@ -105,39 +171,38 @@ def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
         while b"\n" not in buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StartupError(f"node (pid {process.pid}) printed no ready line within "
+                raise StartupError(f"{what} (pid {process.pid}) printed no ready line within "
                                    f"{timeout:g} s")
             if not selector.select(left):
                 continue
             chunk = os.read(process.stdout.fileno(), 4096)
             if not chunk:
-                raise StartupError(f"node (pid {process.pid}) exited with code "
-                                   f"{process.wait()} before it was ready")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
+                raise StartupError(f"{what} (pid {process.pid}) exited with code "
+                                   f"{process.returncode} before it was ready")
             buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
-    if not line.startswith(READY_PREFIX):
-        raise StartupError(f"node (pid {process.pid}) printed {line!r}, not a ready line")
-    return line[len(READY_PREFIX):].strip()  # "HOST:PORT" or "HOST:PORT http HOST:PORT"
+    return buffer.split(b"\n", 1)[0].decode(errors="replace")
 
 
-def stop_processes(nodes: list[NodeProcess], wait: float = 0.0) -> None:
-    """Stop node processes: give them `wait` s to exit on their own (after SHUTDOWN), then
-    SIGTERM (they drain and exit 0) for up to 10 s, then SIGKILL. No process outlives this."""
-    for step, grace in (("exit", wait), ("terminate", 10.0), ("kill", 5.0)):
-        deadline = time.monotonic() + grace
-        for node in nodes:
-            if node.process.poll() is not None:
+def stop_processes(started: list[Process], wait: float = 0.0, grace: float = 10.0) -> None:
+    """Stop defer processes: give them `wait` s to exit on their own (after SHUTDOWN), then
+    SIGTERM (they drain and exit 0) for up to `grace` s, then SIGKILL. None outlives this."""
+    for step, seconds in (("exit", wait), ("terminate", grace), ("kill", 5.0)):
+        deadline = time.monotonic() + seconds
+        for item in started:
+            if item.process.poll() is not None:
                 continue
             if step == "terminate":
-                node.process.terminate()
+                item.process.terminate()
             elif step == "kill":
-                log.warning("node pid %d ignored SIGTERM; killing it", node.process.pid)
-                node.process.kill()
+                log.warning("pid %d ignored SIGTERM; killing it", item.process.pid)
+                item.process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                node.process.wait(max(0.0, deadline - time.monotonic()))
-    for node in nodes:
-        if node.process.stdout is not None:
-            node.process.stdout.close()
+                item.process.wait(max(0.0, deadline - time.monotonic()))
+    for item in started:
+        if item.process.stdout is not None:
+            item.process.stdout.close()
 
 
 @dataclass

@@ -3,7 +3,8 @@ nodes (one chain) and the gateway, every port 0, started on their ready lines. t
 HTTP and gRPC clients see the manifest's inputs and outputs in the model metadata, get 200
 inferences each that equal the whole model bit for bit (raw codec), and get the protocol's
 error for a wrong shape; a plain HTTP JSON request (the README's curl) works too; the metrics
-endpoint parses with prometheus_client's parser; the trace is trace-event JSON."""
+endpoint parses with prometheus_client's parser; the trace is trace-event JSON with the nodes'
+spans."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import urllib.request
 import numpy as np
 import pytest
 from runtime_helpers import compile_tiny, reference, residual_mlp
+from trace_helpers import check_trace_events, load_trace
 
-from defer.local import start_node, stop_processes
-from defer.serving.launch import start_gateway
+from defer.local import start_gateway, start_node, stop_processes
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 tritongrpc = pytest.importorskip("tritonclient.grpc")
@@ -165,13 +166,13 @@ def test_trace_is_trace_event_json(served):
     tensor = tritongrpc.InferInput("x", [1, 16], "FP32")
     tensor.set_data_from_numpy(xs[0])
     client.infer("mlp", [tensor])
-    text = trace_path.read_text().rstrip().rstrip(",")  # still open: no closing bracket yet
-    events = json.loads(text + "]")
-    assert events[0]["ph"] == "M"
-    spans = [e for e in events if e["ph"] in "be"]
-    assert spans and all({"name", "cat", "id", "ts", "pid", "tid"} <= set(e) for e in spans)
-    begins = {e["id"]: e for e in spans if e["ph"] == "b"}
-    ends = {e["id"]: e for e in spans if e["ph"] == "e"}
-    assert begins.keys() == ends.keys()
-    assert all(ends[i]["ts"] >= begins[i]["ts"] for i in begins)
-    assert sum(e["name"] == "chain 0" for e in begins.values()) >= 1
+    by_phase = check_trace_events(load_trace(trace_path))  # still open: no closing bracket
+    attempts = [e for e in by_phase["b"] if e["pid"] == 1]
+    assert sum(e["name"] == "chain 0" for e in attempts) >= 1
+    # chain 0's nodes: every request has receive, compute and send on both stages
+    per_request: dict[int, set] = {}
+    for event in by_phase["X"]:
+        per_request.setdefault(event["args"]["request"], set()).add((event["pid"], event["tid"]))
+    assert per_request and all(len(seen) == 2 * 3 for seen in per_request.values())
+    names = {e["args"]["name"] for e in by_phase["M"] if e["name"] == "process_name"}
+    assert "chain 0  link stage 1 -> dispatcher" in names

@@ -14,8 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
-from defer.local import start_node, stop_processes
-from defer.serving.launch import start_gateway
+from defer.local import start_gateway, start_node, stop_processes
 
 tritongrpc = pytest.importorskip("tritonclient.grpc")
 

@@ -36,3 +36,16 @@ def test_a_taken_port_is_a_startup_error(tmp_path):
             stop_processes(nodes)
     assert run.returncode == 3, run.stderr
     assert "--http-port" in run.stderr and run.stdout == ""
+
+
+def test_a_node_in_two_chains_is_a_usage_error(tmp_path):
+    manifest = compile_tiny(residual_mlp(), tmp_path, n_stages=2)
+    result = CliRunner().invoke(main, [
+        "gateway", "--manifest", str(manifest.path), "--nodes", "127.0.0.1:7000,127.0.0.1:7001",
+        "--chain", "127.0.0.1:7002,127.0.0.1:7003", "--spares", "", "--spares", "127.0.0.1:7001"])
+    assert result.exit_code == 2
+    assert "node 127.0.0.1:7001 is in chain 0 and chain 1" in result.output
+    result = CliRunner().invoke(main, [
+        "gateway", "--manifest", str(manifest.path), "--nodes", "127.0.0.1:7000,127.0.0.1:7001",
+        "--spares", "127.0.0.1:7004", "--spares", "127.0.0.1:7005"])
+    assert result.exit_code == 2 and "2 --spares lists for 1 chains" in result.output

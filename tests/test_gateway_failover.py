@@ -17,8 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_helpers import compile_tiny, reference, residual_mlp
 
-from defer.local import start_node, stop_processes
-from defer.serving.launch import start_gateway
+from defer.local import start_gateway, start_node, stop_processes
 
 tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -154,3 +153,33 @@ def test_kill_9_in_one_chain_every_request_answered_once_then_it_rejoins(two_cha
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://{gateway.http}/v2/health/ready")
     assert err.value.code == 503
+
+
+def test_a_chains_own_spare_takes_over_in_place(tmp_path):
+    """--spares: chain 0 has a spare (an empty node); kill -9 of its last node makes its
+    Dispatcher push the bundle to the spare and replay: no request fails or leaves the chain."""
+    model = residual_mlp()
+    manifest = compile_tiny(model, tmp_path / "bundles", n_stages=2)
+    xs = [np.full((1, 16), i / 10, np.float32) for i in range(30)]
+    want = [r["y"] for r in reference(model, [{"x": x} for x in xs])]
+    nodes, gateway = [], None
+    try:
+        nodes = [start_node(manifest.bundle_path(0)), start_node(manifest.bundle_path(1)),
+                 start_node()]
+        gateway = start_gateway(manifest.path, [[nodes[0].address, nodes[1].address]],
+                                args=("--spares", nodes[2].address, "--name", "whole"))
+        client = tritonhttp.InferenceServerClient(gateway.http)
+        for i in range(10):
+            assert np.array_equal(_infer(client, xs[i])[0], want[i])
+        nodes[1].process.kill()
+        for i in range(10, 30):
+            y, chain = _infer(client, xs[i])
+            assert np.array_equal(y, want[i]) and chain == 0
+        values = _metrics(gateway)
+        assert _metric(values, "defer_chain_recoveries_total", chain="0") == 1
+        assert _metric(values, "defer_failovers_total", chain="0") == 0
+        assert _metric(values, "defer_chain_state", chain="0", defer_chain_state="running") == 1
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        stop_processes(nodes)

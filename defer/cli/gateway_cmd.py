@@ -31,6 +31,12 @@ def _addresses(text: str, option: str) -> list[str]:
 @click.option("--chain", "more_chains", multiple=True, metavar="H:P,H:P,...",
               help="Another chain (a replica of the whole pipeline); repeatable. Requests go "
                    "to the ready chain with the fewest in flight.  [default: none]")
+@click.option("--spares", "spare_lists", multiple=True, metavar="H:P,H:P,...",
+              help="Idle nodes that take over a lost stage of one chain; repeatable: the first "
+                   "--spares is --nodes' chain's, the next the first --chain's, and so on "
+                   "('' = none). "
+                   "Without a spare left, a failed chain's requests are replayed on another "
+                   "chain.  [default: none]")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the HTTP, gRPC and metrics ports bind (0.0.0.0 exposes them).")
 @click.option("--http-port", type=int, default=8000, show_default=True,
@@ -57,14 +63,16 @@ def _addresses(text: str, option: str) -> list[str]:
               help="Seconds between probes of a failed chain (a probe retries its dead node; "
                    "if it is back, the chain rejoins).")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write every request as Chrome trace-event JSON here "
-                                 "(Perfetto, chrome://tracing).  [default: no trace]")
+              default=None, help="Write every request, and its receive, queue, compute and "
+                                 "send on every node and link, as Chrome trace-event JSON here "
+                                 "(ui.perfetto.dev, chrome://tracing).  [default: no trace]")
 @token_options
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Connect to nodes with TLS, verifying them against this CA "
                                  "or self-signed certificate (PEM).  [default: plain TCP]")
 @heartbeat_option
-def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...], host: str,
+def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...],
+            spare_lists: tuple[str, ...], host: str,
             http_port: int, grpc_port: int, metrics_port: int, name: str | None,
             max_batch: int, max_delay_ms: float, codec: str | None, inflight: int | None,
             timeout: float, probe_interval: float, trace_path: Path | None,
@@ -76,19 +84,24 @@ def gateway(manifest_path: Path, nodes: str, more_chains: tuple[str, ...], host:
     `defer gateway listening on http=H:P grpc=H:P metrics=H:P`. SIGINT/SIGTERM let requests
     in flight finish, then exit 0; the nodes keep running.
     """
-    from defer.serving.launch import ready_line
+    from defer import progress
+    from defer.address import parse_address_list
+    from defer.serving.ready import ready_line
     from defer.serving.server import GatewayConfig, run_gateway
 
     chains = [_addresses(nodes, "--nodes")] + [_addresses(c, "--chain") for c in more_chains]
+    spares = [parse_address_list(s) for s in spare_lists]  # "" = this chain has none
 
     def ready(addresses: dict[str, str]) -> None:
         click.echo(ready_line(addresses))
         sys.stdout.flush()
 
-    run_gateway(GatewayConfig(
-        manifest=manifest_path, chains=chains, host=host, http_port=http_port,
+    config = GatewayConfig(
+        manifest=manifest_path, chains=chains, spares=spares, host=host, http_port=http_port,
         grpc_port=grpc_port, metrics_port=metrics_port, name=name, max_batch=max_batch,
         max_delay_ms=max_delay_ms, probe_interval=probe_interval, trace=trace_path,
         dispatch=DispatchOptions(codec=codec, inflight=inflight, timeout=timeout,
                                  token=resolve_token(token, token_file), tls_ca=tls_ca,
-                                 heartbeat=heartbeat)), ready)
+                                 heartbeat=heartbeat))
+    with progress.reporting(progress.TerminalReporter(prefix="gateway: ")):
+        run_gateway(config, ready)

@@ -101,6 +101,10 @@ def serve(token: str | None, token_file: Path | None, max_model_size: str | None
 @click.option("--spares", default="", metavar="H:P,H:P,...",
               help="Idle nodes that take over a lost stage (bundle pushed, chain rewired, "
                    "in-flight requests replayed).  [default: none]")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write every request's receive, queue, compute and send on "
+                                 "every node and link as Chrome trace-event JSON here (open in "
+                                 "ui.perfetto.dev or chrome://tracing).  [default: no trace]")
 @token_options
 @click.option("--tls-ca", type=_file(), default=None,
               help="Connect to nodes with TLS, verifying them against this CA or self-signed "
@@ -108,14 +112,21 @@ def serve(token: str | None, token_file: Path | None, max_model_size: str | None
 @heartbeat_option
 def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
              output_path: Path | None, report_path: Path | None, seed: int, spares: str,
-             token: str | None, token_file: Path | None, **fields) -> None:
-    """Stream inputs through a chain of running `defer serve` nodes and report."""
+             trace_path: Path | None, token: str | None, token_file: Path | None,
+             **fields) -> None:
+    """Stream inputs through a chain of running `defer serve` nodes and report.
+
+    Progress goes to stderr (a bar on a terminal, a line every 5 s otherwise); the report to
+    stdout.
+    """
+    from defer import progress
     from defer.address import parse_address_list
     from defer.errors import UsageError
     from defer.manifest import load_manifest
     from defer.runtime.dispatcher import Dispatcher
     from defer.runtime.inputs import InputFile, OutputWriter, random_stream
     from defer.runtime.report import format_report
+    from defer.runtime.trace import TraceFile
 
     manifest = load_manifest(manifest_path)
     if count is not None and count < 1:
@@ -131,11 +142,20 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
     options = DispatchOptions(spares=tuple(parse_address_list(spares)),
                               token=resolve_token(token, token_file), **fields)
     writer = OutputWriter(output_path, count) if output_path is not None else None
-    with Dispatcher(manifest, parse_address_list(nodes), options) as dispatcher:
-        for outputs in dispatcher.map(itertools.chain([first], samples)):
-            if writer is not None:
-                writer.append(outputs)
-        stats = dispatcher.stats()
+    trace = TraceFile(trace_path) if trace_path is not None else None
+    try:
+        with progress.reporting(progress.TerminalReporter(prefix="dispatch: ")), \
+                Dispatcher(manifest, parse_address_list(nodes), options,
+                           tracer=trace.chain() if trace else None) as dispatcher, \
+                progress.phase("infer", total=count) as step:
+            for outputs in dispatcher.map(itertools.chain([first], samples)):
+                if writer is not None:
+                    writer.append(outputs)
+                step()
+            stats = dispatcher.stats()
+    finally:
+        if trace is not None:
+            trace.close()
     if writer is not None:
         writer.close()
     stats["dispatcher_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -143,6 +163,8 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
     click.echo(f"  dispatcher peak RSS {stats['dispatcher_peak_rss_mb']:.0f} MB")
     if report_path is not None:
         report_path.write_text(json.dumps(stats, indent=2) + "\n")
+    if trace_path is not None:
+        click.echo(f"  trace: {trace_path} (open in ui.perfetto.dev or chrome://tracing)")
 
 
 @click.command("run")

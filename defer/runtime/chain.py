@@ -16,8 +16,8 @@ import asyncio
 import dataclasses
 import logging
 import ssl
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from defer.errors import (
     AuthError,
@@ -57,21 +57,24 @@ class Chain:
 
     def __init__(self, manifest: Manifest, hop_codecs: list[str], *, loop: LoopThread,
                  listener: Listener, ids: Iterator[int], timeout: float, heartbeat: float,
-                 token: str | None, tls: ssl.SSLContext | None) -> None:
+                 token: str | None, tls: ssl.SSLContext | None, trace: bool = False) -> None:
         self.manifest, self.hop_codecs = manifest, hop_codecs
         self.loop, self.listener, self.ids = loop, listener, ids
         self.timeout, self.heartbeat, self.token, self.tls = timeout, heartbeat, token, tls
+        self.trace = trace  # nodes add their spans to every request (traces)
         self.links: list[Link | None] = [None] * len(manifest.stages)
         self.addresses: list[str] = [""] * len(manifest.stages)
         self._replies: dict[int, tuple[Channel, asyncio.Future]] = {}
 
     # --- wiring -----------------------------------------------------------------------------
 
-    async def wire(self, addresses: list[str]) -> None:
-        """Open every node (push bundles where needed), then configure from the last stage
-        back, so each node's next hop is up when it connects to it."""
+    async def wire(self, addresses: list[str], on_node: Callable[[], Any] = lambda: None,
+                   ) -> None:
+        """Open every node (push bundles where needed; `on_node()` after each), then configure
+        from the last stage back, so each node's next hop is up when it connects to it."""
         for index, address in enumerate(addresses):
             self._install(index, await self.open(index, address, push=False))
+            on_node()
         for index in reversed(range(len(addresses))):
             await self.configure(index)
 
@@ -108,6 +111,7 @@ class Chain:
         `index`: push the bundle if it serves none (or, with `push`, another one)."""
         handshake = min(self.timeout, HANDSHAKE_TIMEOUT)
         chan = await Channel.connect(address, handshake, self.tls)
+        chan.timing = self.trace
         link = Link(index, address, chan)
         try:
             try:
@@ -156,14 +160,14 @@ class Chain:
 
     async def configure(self, index: int, link: Link | None = None) -> None:
         """Tell the node of stage `index` (or `link`, about to serve it) its place, next hop,
-        codec and tensors."""
+        codec, tensors and whether to trace."""
         stage, n = self.manifest.stages[index], len(self.links)
         await self.ask(link or self.links[index], Configure(
             stage=index, n_stages=n,
             next_hop=self.addresses[index + 1] if index + 1 < n else "dispatcher",
             codec=self.hop_codecs[index + 1], receives=tuple(stage.receives),
             forward=tuple(t.name for t in stage.forward),
-            outputs=tuple(t.name for t in stage.outputs)))
+            outputs=tuple(t.name for t in stage.outputs), trace=self.trace))
 
     def _install(self, index: int, link: Link) -> None:
         self.links[index] = link

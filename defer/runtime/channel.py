@@ -11,6 +11,9 @@ Also here, because both ends need them:
   else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
   the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read. It
   reads counters the channel keeps anyway: no work per request.
+- with `timing` on (traces), `frame_began`: when the frame `recv` just returned began to
+  arrive (wall clock): the first wake-up for it, or, if its bytes were already waiting (the
+  reader was busy), when `recv` was called.
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ class Channel:
         self.clock_offset = 0.0  # the peer's wall clock minus ours, estimated at HELLO
         self.peer_info: dict[str, Any] = {}  # the node's facts from its HELLO
         self.dead_reason: str | None = None  # why keepalive or an owner aborted it
+        self.timing = False  # record frame_began (traces)
+        self.frame_began = 0.0
+        self._seen = 0  # bytes received when recv last took a frame
         self._receiver = _Receiver(self.decoder, writer.transport.get_protocol())
         # Bytes the StreamReader got before the take-over (none when built in the server's
         # connection callback: nothing is read before it returns).
@@ -190,11 +196,16 @@ class Channel:
     async def recv(self) -> Message | None:
         """The next message, or None at a clean EOF. ProtocolError on a malformed frame.
         Heartbeats (PING with request id 0) are consumed here and never returned."""
+        began = time.time() if self.timing and self._receiver.received != self._seen else 0.0
         while True:
             msg = self.decoder.next()
             if msg is not None:
+                self._seen = self._receiver.received
                 if msg.TYPE is MsgType.PING and msg.request_id == 0:
+                    began = 0.0
                     continue
+                if self.timing:
+                    self.frame_began = began or time.time()
                 return msg
             if self.decoder.eof:
                 return None
@@ -205,6 +216,8 @@ class Channel:
                 await self._receiver.wait()
             finally:
                 self.waiting = False
+            if self.timing and not began:
+                began = time.time()
 
     def write(self, msg: Message) -> None:
         """Queue one whole frame without waiting for the socket. ConnectionResetError once

@@ -5,6 +5,8 @@
         for outputs in chain.map(images): ...     # streamed, in input order, bounded window
         chain.stats()                             # throughput, latency, bytes, busy, energy
 
+    Dispatcher(..., tracer=TraceFile("t.json").chain())   # spans of every request (trace.py)
+
 It checks (or pushes) each node's bundle, wires the chain, encodes inputs for hop 0 and decodes
 results. The work with sockets happens on a loop thread it owns (`loop_thread.py`): the chain's
 wiring in `chain.py`, the stream and failover in `supervisor.py`, whose guarantee is written at
@@ -18,12 +20,13 @@ import dataclasses
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from defer import progress
 from defer.codecs import WireTensor, decode_tensor, encode_tensor, parse_codec
 from defer.errors import DeferError, DeferTimeoutError, InputError
 from defer.manifest import Manifest, load_manifest
@@ -35,6 +38,7 @@ from defer.runtime.options import DispatchOptions
 from defer.runtime.protocol import Infer, Ping, Shutdown
 from defer.runtime.report import chain_report, counter_delta
 from defer.runtime.supervisor import Request, Supervisor
+from defer.runtime.trace import RequestTrace
 from defer.tensors import check_sample
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,14 @@ class Dispatcher:
 
     Options are `DispatchOptions` fields, given as `options=` or as keywords: `codec`,
     `inflight`, `timeout`, `spares`, `token`, `tls_ca`, `heartbeat`, `watts_per_core`.
+    `tracer`: switches tracing on in every node and hears each answered request's spans (on
+    the dispatcher's loop thread: keep it quick), e.g. `TraceFile(path).chain()`.
     """
 
     def __init__(self, manifest: str | Path | Manifest, nodes: list[str],
-                 options: DispatchOptions | None = None, **overrides: Any) -> None:
+                 options: DispatchOptions | None = None, *,
+                 tracer: Callable[[RequestTrace], None] | None = None,
+                 **overrides: Any) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         n = len(self.manifest.stages)
         self.options = dataclasses.replace(options or DispatchOptions(), **overrides).checked(
@@ -64,16 +72,19 @@ class Dispatcher:
         self.max_in_flight = 0
         self._ids = itertools.count(1)
         self._loop = LoopThread("defer-dispatcher")
-        self._supervisor = Supervisor(list(opts.spares))
+        self._supervisor = Supervisor(list(opts.spares), tracer)
         self._reset_measures()
         self._loop.start()
         self._supervisor.chain = Chain(
             self.manifest, self.hop_codecs, loop=self._loop, listener=self._supervisor,
             ids=self._ids, timeout=opts.timeout, heartbeat=opts.heartbeat, token=opts.token,
-            tls=client_tls(opts.tls_ca) if opts.tls_ca is not None else None)
+            tls=client_tls(opts.tls_ca) if opts.tls_ca is not None else None,
+            trace=tracer is not None)
         try:
-            self._loop.run(lambda: self._supervisor.setup(list(nodes)),
-                           timeout=opts.timeout * (3 * n + 1), what=f"wiring {', '.join(nodes)}")
+            with progress.phase("wire", total=n) as step:
+                self._loop.run(lambda: self._supervisor.setup(list(nodes), step),
+                               timeout=opts.timeout * (3 * n + 1),
+                               what=f"wiring {', '.join(nodes)}")
         except BaseException:
             self.close()
             raise

@@ -4,7 +4,8 @@ Connections and lifecycle live here; the work itself is `pipeline.py` (queues, o
 backpressure) running `stage.run_stage`. The dispatcher's control connection brings
 HELLO/LOAD/CONFIGURE/STATS/PING/SHUTDOWN, and the inputs when this is stage 0; the previous
 node's data connection brings INFER otherwise; a probe connection (`defer profile`, `defer
-doctor`, another node timing its link here) is answered by `probing.ProbeService`. Forwarded tensors are passed on as received bytes.
+doctor`, another node timing its link here) is answered by `probing.ProbeService`. Forwarded
+tensors are passed on as received bytes.
 Hardening: a peer must complete HELLO (with the token proof when the node has a token) before
 anything else is read, and until then it may send only small frames; a malformed frame, a failed
 proof or an internal error closes only that connection, with a logged reason; received tensors
@@ -193,6 +194,7 @@ class Node:
             if hello.role == "dispatcher" and self._control is not None:
                 self._replace_dispatcher(chan)
             self._spawn(chan.keepalive(self.config.heartbeat))
+            chan.timing = self.pipeline.tracing  # an upstream connects once we are configured
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
             elif hello.role == "probe":
@@ -221,7 +223,7 @@ class Node:
         while (msg := await chan.recv()) is not None:
             if not isinstance(msg, Infer):
                 raise ProtocolError(f"data connection carries INFER only, got {msg.TYPE.name}")
-            await self.pipeline.put(msg)
+            await self.pipeline.put(msg, chan.frame_began)
 
     async def _control_loop(self, chan: Channel) -> None:
         self._control = chan
@@ -230,7 +232,7 @@ class Node:
         while (msg := await chan.recv()) is not None:
             match msg:
                 case Infer():
-                    await self.pipeline.put(msg)
+                    await self.pipeline.put(msg, chan.frame_began)
                 case Load():
                     await self._reply(chan, msg, self._on_load(msg))
                 case Configure():
@@ -346,6 +348,8 @@ class Node:
             self._downstream = chan
             self._spawn(self._watch_downstream(chan))
         self.pipeline.rewire(msg)
+        if self._control is not None:
+            self._control.timing = msg.trace
         log.info("configured as stage %d/%d, next hop %s, codec %s", msg.stage, msg.n_stages,
                  msg.next_hop, msg.codec)
         return "configure"

@@ -28,11 +28,14 @@ class StageTimes:
     decode_s: float = 0.0
     compute_s: float = 0.0
     encode_s: float = 0.0
+    began: float = 0.0  # wall clock when the stage took the request (tracing only, else 0)
 
 
 def run_stage(plan: Configure, engine: Engine, msg: Infer,
               node: str = "") -> tuple[Infer | Result, StageTimes]:
-    """The message this stage sends for request `msg`, and where its time went."""
+    """The message this stage sends for request `msg` (carrying on its spans), and where its
+    time went."""
+    began = time.time() if plan.trace else 0.0
     t0 = time.perf_counter()
     received = {t.name: t for t in msg.tensors}
     if received.keys() != plan.receives_set:
@@ -53,9 +56,10 @@ def run_stage(plan: Configure, engine: Engine, msg: Infer,
     codec = parse_codec(plan.codec)
     tensors = [encode_tensor(name, a, codec) for name, a in zip(plan.outputs, arrays)]
     tensors += [received[name] for name in plan.forward]
-    times = StageTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
+    times = StageTimes(t1 - t0, t2 - t1, time.perf_counter() - t2, began)
     last = plan.next_hop == "dispatcher"
-    return (Result if last else Infer)(request_id=msg.request_id, tensors=tuple(tensors)), times
+    return (Result if last else Infer)(request_id=msg.request_id, tensors=tuple(tensors),
+                                       spans=msg.spans), times
 
 
 COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,

@@ -1,6 +1,7 @@
 """Keeps one chain serving, on the dispatcher's loop thread: sends requests to stage 0, matches
 results to pending requests, notices lost nodes and drives failover (rewire, then replay) along
-the table in `failover.py`, whose docstring states the guarantee.
+the table in `failover.py`, whose docstring states the guarantee. With a tracer, each answered
+request's spans go to it in the dispatcher's clock (`trace.py`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from defer.errors import DeferError, NodeError
 from defer.runtime.chain import Chain
 from defer.runtime.failover import Action, Event, Failover, PendingTable, State
 from defer.runtime.protocol import Error, Infer, Message, Result, Stats
+from defer.runtime.trace import RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +31,17 @@ class Request(concurrent.futures.Future):
         self.msg: Infer | None = msg
         self.started = time.perf_counter()
         self.finished = 0.0
+        self.sent = 0.0  # wall clock of its (last) send to stage 0; tracing only
 
 
 class Supervisor:
     """The loop-thread half of a Dispatcher: every method here runs on the loop thread."""
 
-    def __init__(self, spares: list[str]) -> None:
+    def __init__(self, spares: list[str],
+                 tracer: Callable[[RequestTrace], None] | None = None) -> None:
         self.chain: Chain | None = None  # set by the dispatcher right after construction
         self.spares = spares
+        self.tracer = tracer
         self.failover = Failover()
         self.pending: PendingTable[Request] = PendingTable()
         self.recoveries: list[dict[str, Any]] = []  # one record per replaced stage
@@ -51,8 +57,9 @@ class Supervisor:
     def state(self) -> State:
         return self.failover.state
 
-    async def setup(self, addresses: list[str]) -> None:
-        await self.chain.wire(addresses)
+    async def setup(self, addresses: list[str], on_node: Callable[[], Any] = lambda: None,
+                    ) -> None:
+        await self.chain.wire(addresses, on_node)
         self.baseline = await self.chain.counters()
         self.failover.handle(Event.WIRED)
 
@@ -68,7 +75,7 @@ class Supervisor:
         if action is Action.SEND:
             # OSError: stage 0 is being lost, and the recovery will replay this request
             with contextlib.suppress(OSError):
-                self.chain.links[0].channel.write(request.msg)
+                self._send(request)
         elif action is Action.RETRY_DEAD:
             self._lost, self._dead = {s: self._causes.get(s, e) for s, e in self._dead.items()}, {}
             self._lost_at = time.perf_counter()
@@ -83,6 +90,8 @@ class Supervisor:
                 request.finished = self.last_result = time.perf_counter()
                 self.completed += 1
                 request.set_result(msg)
+                if self.tracer is not None and msg.spans is not None:
+                    self._trace(stage, request, msg)  # after: the caller need not wait for it
         elif isinstance(msg, Error) and msg.request_id == 0:
             self._on_node_report(stage, msg)
         elif isinstance(msg, Error):
@@ -94,6 +103,26 @@ class Supervisor:
         else:
             log.warning("ignoring unexpected %s from node %s", msg.TYPE.name,
                         self.chain.addresses[stage])
+
+    def _send(self, request: Request) -> None:
+        if self.tracer is not None:
+            request.sent = time.time()
+        self.chain.links[0].channel.write(request.msg)
+
+    def _trace(self, stage: int, request: Request, msg: Result) -> None:
+        """Hand the request's spans to the tracer, each in our clock (its node's offset)."""
+        received = time.time()
+        links = self.chain.links
+        spans = tuple(span.shifted(-links[span.stage].channel.clock_offset)
+                      if span.stage < len(links) and links[span.stage] else span
+                      for span in msg.spans)
+        try:
+            self.tracer(RequestTrace(
+                request_id=msg.request_id, nodes=tuple(self.chain.addresses), sent=request.sent,
+                arrived=links[stage].channel.frame_began or received, received=received,
+                spans=spans))
+        except Exception:  # noqa: BLE001 - a broken trace must not cost the request
+            log.exception("tracer failed on request %d", msg.request_id)
 
     def _on_node_report(self, stage: int, msg: Error) -> None:
         """ERROR with request id 0: a node lost its next hop (`msg.node`), or our session."""
@@ -161,7 +190,7 @@ class Supervisor:
         requests = self.pending.replay()
         with contextlib.suppress(OSError):  # stage 0 is going too: another recovery follows
             for request in requests:
-                self.chain.links[0].channel.write(request.msg)
+                self._send(request)
         return len(requests)
 
     def _fail_pending(self, error: DeferError) -> None:

@@ -11,7 +11,7 @@ Prometheus metrics on a third port. Modules:
     metrics.py   the gateway's Prometheus metrics        trace.py  Chrome trace-event JSON
     rest.py      the HTTP/REST front end                 grpc_api.py  the gRPC front end
     server.py    GatewayConfig and run_gateway: every server in one asyncio loop
-    launch.py    start `defer gateway` as a process and wait for its ready line (tests, benchmarks)
+    ready.py     the ready line `defer gateway` prints (defer.local.start_gateway waits for it)
 
 Needs the `[serve]` extra; an edge node never installs it.
 """

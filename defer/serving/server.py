@@ -1,7 +1,8 @@
 """`run_gateway(GatewayConfig)`: one Dispatcher per chain, every server in one asyncio loop.
 
 Startup: load the manifest (and refuse --max-batch unless the batch dimension is dynamic) ->
-wire every chain (a chain that cannot be wired is a startup error, naming it) -> bind the
+wire every chain, each with its own spares (a chain that cannot be wired is a startup error,
+naming it; progress is reported per chain) -> bind the
 REST, gRPC and metrics ports (0 = a free one) -> call `on_ready` with the bound addresses.
 uvicorn serves REST and metrics, grpc.aio serves gRPC, and the pool's watcher polls chain
 states and probes failed chains; each runs as a task of one TaskGroup. SIGINT/SIGTERM: stop
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -45,6 +47,7 @@ class GatewayConfig:
 
     manifest: Path
     chains: list[list[str]]
+    spares: list[list[str]] = field(default_factory=list)  # chain i's spares (may be shorter)
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
@@ -102,11 +105,11 @@ def run_gateway(config: GatewayConfig, on_ready: Callable[[dict[str, str]], None
     manifest = load_manifest(config.manifest)
     if config.max_batch != 1:
         check_batchable(manifest, config.max_batch)
-    if not config.chains:
-        raise UsageError("give at least one chain (--nodes)")
-    dispatchers = _wire(config, manifest)
+    _check_chains(config.chains, config.spares)
     trace = TraceWriter(config.trace) if config.trace else None
+    dispatchers: list[Dispatcher] = []
     try:
+        dispatchers = _wire(config, manifest, trace)
         model = ModelInfo(name=config.name or manifest.model.get("name") or "model",
                           inputs=manifest.inputs, outputs=manifest.outputs,
                           platform=f"defer_{manifest.stages[0].format}",
@@ -125,12 +128,31 @@ def run_gateway(config: GatewayConfig, on_ready: Callable[[dict[str, str]], None
             dispatcher.close()
 
 
-def _wire(config: GatewayConfig, manifest) -> list[Dispatcher]:
+def _check_chains(chains: list[list[str]], spares: list[list[str]]) -> None:
+    """UsageError unless every chain has nodes and no node or spare serves two chains (two
+    Dispatchers would take it from each other: a node's newest dispatcher wins)."""
+    if not chains:
+        raise UsageError("give at least one chain (--nodes)")
+    if len(spares) > len(chains):
+        raise UsageError(f"{len(spares)} --spares lists for {len(chains)} chains; give at "
+                         "most one per chain, in chain order")
+    owner: dict[str, int] = {}
+    for index, addresses in enumerate(chains):
+        for address in [*addresses, *(spares[index] if index < len(spares) else [])]:
+            if owner.setdefault(address, index) != index:
+                raise UsageError(f"node {address} is in chain {owner[address]} and chain "
+                                 f"{index}; every chain needs nodes (and spares) of its own")
+
+
+def _wire(config: GatewayConfig, manifest, trace: TraceWriter | None) -> list[Dispatcher]:
     dispatchers: list[Dispatcher] = []
     try:
         for index, nodes in enumerate(config.chains):
+            spares = config.spares[index] if index < len(config.spares) else []
+            options = dataclasses.replace(config.dispatch, spares=tuple(spares))
             try:
-                dispatchers.append(Dispatcher(manifest, nodes, config.dispatch))
+                dispatchers.append(Dispatcher(manifest, nodes, options,
+                                              tracer=trace.tracer(index) if trace else None))
             except DeferError as err:
                 err.args = (f"chain {index} ({','.join(nodes)}): {err}",)  # same type and code
                 raise

@@ -45,6 +45,7 @@ from defer.runtime.protocol.messages import (
     Pong,
     Result,
     Shutdown,
+    Span,
     Stats,
 )
 from defer.runtime.protocol.probes import (
@@ -63,6 +64,6 @@ from defer.tensors import DTYPES
 __all__ = ["ALIGN", "DEFAULT_LIMITS", "DTYPES", "HANDSHAKE_LIMITS", "HEADER_SIZE", "MAGIC",
            "MAX_DIMS", "MAX_NAME", "MAX_TEXT", "PROTOCOL_VERSION", "ROLES", "Ack", "Configure",
            "Decoder", "Error", "Hello", "Infer", "Limits", "Load", "Message", "MsgType", "Ping",
-           "Pong", "Result", "Shutdown", "Stats", "WireTensor", "encode", "encode_parts"]
+           "Pong", "Result", "Shutdown", "Span", "Stats", "WireTensor", "encode", "encode_parts"]
 __all__ += ["MAX_TRANSFER", "PROFILE_LEVELS", "PROFILE_MODES", "Echo", "LinkResult",
             "LinkTest", "Probe", "Profile", "ProfileResult"]

@@ -8,7 +8,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from defer.codecs import WireTensor
 from defer.runtime.protocol.fields import (
@@ -119,11 +119,15 @@ class Load(_Base):
 
 @dataclass(frozen=True, kw_only=True)
 class Configure(_Base):
-    """Wire a node into the chain: its stage, where to send (host:port or "dispatcher"), how."""
+    """Wire a node into the chain: its stage, where to send (host:port or "dispatcher"), how.
+
+    `trace`: the node appends its `Span` to every request it passes on (INFER/RESULT `spans`);
+    off, a request carries no spans and the node takes no extra clock readings."""
 
     TYPE = MsgType.CONFIGURE
     WIRE = {"stage": _int, "n_stages": _int, "next_hop": _hop, "codec": _name,
-            "receives": _name_tuple, "forward": _name_tuple, "outputs": _name_tuple}
+            "receives": _name_tuple, "forward": _name_tuple, "outputs": _name_tuple,
+            "trace": _bool}
     stage: int
     n_stages: int
     next_hop: str
@@ -131,6 +135,7 @@ class Configure(_Base):
     receives: tuple[str, ...] = ()
     forward: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    trace: bool = False
 
     @functools.cached_property
     def receives_set(self) -> frozenset[str]:
@@ -154,9 +159,55 @@ class Ack(_Base):
     what: str
 
 
+class Span(NamedTuple):
+    """What one stage did with one request, in the node's own wall clock (seconds since the
+    epoch; the dispatcher converts with the offset it measured at HELLO): the frame began to
+    arrive, was decoded into the compute queue, the engine thread took it, finished it (codecs
+    included), and the result was handed to the socket; then the engine thread's split."""
+
+    stage: int
+    arrived: float
+    queued: float
+    started: float
+    finished: float
+    sent: float
+    decode_s: float
+    engine_s: float
+    encode_s: float
+
+    def shifted(self, seconds: float) -> Span:
+        """The same span with every clock reading moved by `seconds` (another clock)."""
+        return self._replace(**{name: getattr(self, name) + seconds for name in CLOCK_FIELDS})
+
+
+CLOCK_FIELDS = ("arrived", "queued", "started", "finished", "sent")
+MAX_SPANS = 4096  # a span per stage: no chain is longer (Configure's n_stages bound)
+
+
+def _spans(v: Any, name: str) -> tuple[Span, ...] | None:
+    if v is None:
+        return None
+    if type(v) is not list or len(v) > MAX_SPANS:
+        raise _bad(f"field {name!r} must be a list of at most {MAX_SPANS} spans or null")
+    spans = []
+    for item in v:
+        if type(item) is not list or len(item) != len(Span._fields):
+            raise _bad(f"field {name!r}: a span is a list of {len(Span._fields)} numbers")
+        stage = _int(item[0], name)
+        for x in item[1:]:
+            if type(x) not in (int, float) or not 0 <= x < 1e11:
+                raise _bad(f"field {name!r}: span times must be seconds >= 0, got {x!r:.40}")
+        spans.append(Span(stage, *map(float, item[1:])))
+    return tuple(spans)
+
+
 @dataclass(frozen=True, kw_only=True)
 class _TensorMessage(_Base):
+    """Tensors for one request, and (with tracing on) a `Span` per stage it went through."""
+
+    WIRE = {"spans": _spans}
     tensors: tuple[WireTensor, ...] = ()
+    spans: tuple[Span, ...] | None = None
 
     def _segments(self) -> list[tuple[dict[str, Any], Any]]:
         return [({"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "codec": t.codec,
