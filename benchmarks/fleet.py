@@ -10,8 +10,10 @@
   against that node's own profile's prediction, priced as the planner prices it (the stage's
   op costs + the cost of cutting there, `costs_from_profile` on cluster.json's profile).
   ResNet50, one node per core on loopback. The median absolute error is the figure.
+- capped: the same on 4 nodes capped to 0.6 / 0.3 / 0.2 / 0.1 of a core (cgroups, issue 9's
+  benchmarks/testbed.py), each stage measured alone on its node, flat out (see `capped`).
 
-    python -m benchmarks.fleet [--quick] [--only links doctor accuracy] [--out DIR]
+    python -m benchmarks.fleet [--quick] [--only links doctor accuracy capped] [--out DIR]
 
 Prints a table per scenario and writes benchmarks/results/fleet.json. The namespace scenarios
 need root and `ip netns`, and say so in one line when they are skipped.
@@ -36,7 +38,7 @@ from benchmarks.netns import ShapedNetwork, available
 
 TOKEN = "fleet-benchmark"
 PREFIX = "dflt"  # namespace names: not the network scenario's, so the two never collide
-SCENARIOS = ("links", "doctor", "accuracy")
+SCENARIOS = ("links", "doctor", "accuracy", "capped")
 
 
 def tiny_model(path: Path, width: int = 256) -> Path:
@@ -216,6 +218,91 @@ def accuracy(ctx: Context, n_stages: int = 2) -> dict:
     return result
 
 
+def capped(ctx: Context, quotas: tuple[float, ...] = (0.6, 0.3, 0.2, 0.1)) -> dict:
+    """Each node capped to its share of a core (benchmarks/testbed.py); its stage's measured
+    time against its own profile's prediction. A stage is measured alone on its node, flat out
+    (a one-stage chain of that node, fed seeded inputs of what the stage receives): in the
+    4-node chain every stage but the slowest idles between requests, and an idle cgroup starts
+    each request with a fresh quota, so its time there is its CPU time, not its capped speed
+    (shown beside, for the record)."""
+    try:
+        from benchmarks import cgroups
+        from benchmarks.testbed import Fleet
+    except ImportError:
+        return {"skipped": "benchmarks/testbed.py (issue 9) is not on this branch yet"}
+    ok, why = cgroups.available()
+    if not ok:
+        return {"skipped": why}
+    from benchmarks.common import chain_stats
+    from defer.compiler import analyse, compile_model, load_model
+    from defer.examples import example_onnx
+    from defer.fleet.profile import ProfileOptions, profile_fleet
+    from defer.tensors import random_inputs
+
+    path = example_onnx("resnet50")
+    manifest = compile_model(path, len(quotas), ctx.work_dir / "capped", profile=False)
+    info = analyse(load_model(path).model, order=manifest.plan["op_order"])
+    bounds, runs = manifest.plan["bounds"], []
+    count = max(12, ctx.count // 5)
+    with ExitStack() as stack:
+        fleet = Fleet(manifest, max(quotas))
+        addresses = stack.enter_context(fleet)
+        for device, quota in zip(fleet.devices, quotas):
+            device.cap(quota)
+        for _ in range(ctx.runs):
+            cluster = profile_fleet(path, ProfileOptions(
+                nodes=tuple(addresses), sequential=True, links=False, timeout=3600))
+            chain = chain_stats(manifest, addresses, random_inputs(manifest.inputs, count),
+                                warmup=3, timeout=600)
+            for i, (node, quota) in enumerate(zip(cluster.nodes, quotas)):
+                alone = _stage_alone(manifest, i, addresses[i], count)
+                predicted = predicted_stage_ms(node, info, bounds)[i]
+                runs.append({"stage": i, "node": node.address, "quota": quota,
+                             "predicted_ms": predicted, "measured_ms": alone,
+                             "in_chain_ms": chain["stages"][i]["ort_ms_per_inference"],
+                             "error": abs(predicted - alone) / alone})
+    errors = [r["error"] for r in runs]
+    result = {"model": "resnet50", "quotas": list(quotas), "bounds": bounds, "runs": runs,
+              "median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
+    ctx.log(f"  capped: median |error| {result['median_abs_error']:.1%}, max "
+            f"{result['max_abs_error']:.1%} over {len(errors)} stage runs")
+    return result
+
+
+def _stage_alone(manifest, index: int, address: str, count: int, warmup: int = 3) -> float:
+    """Onnxruntime ms per inference of stage `index` on its node, as a one-stage chain."""
+    import dataclasses
+
+    from defer.manifest import Manifest
+    from defer.runtime.dispatcher import Dispatcher
+    from defer.tensors import random_inputs
+
+    stage = manifest.stages[index]
+    received = {t.name: t for t in [*stage.inputs, *stage.forward]}
+    specs = [received[name] for name in stage.receives]
+    alone = Manifest(model={"name": f"stage{index}", "inputs": [t.to_dict() for t in specs],
+                            "outputs": [t.to_dict() for t in [*stage.outputs, *stage.forward]]},
+                     plan={"batch": manifest.plan.get("batch", 1)},
+                     stages=[dataclasses.replace(stage, index=0)], codec="raw",
+                     path=manifest.path)
+    samples = random_inputs(specs, warmup + count, seed=index)
+    with Dispatcher(alone, [address], timeout=600) as dispatcher:
+        list(dispatcher.map(samples[:warmup]))
+        dispatcher.reset_stats()
+        list(dispatcher.map(samples[warmup:]))
+        return dispatcher.stats()["stages"][0]["ort_ms_per_inference"]
+
+
+def render_capped(result: dict) -> str:
+    if "skipped" in result:
+        return f"capped nodes: skipped ({result['skipped']})"
+    rows = [[r["stage"], f"{r['quota']:g}", f"{r['predicted_ms']:.1f}", f"{r['measured_ms']:.1f}",
+             f"{r['error']:.1%}", f"{r['in_chain_ms']:.1f}"] for r in result["runs"]]
+    rows.append(["", "median |error|", "", "", f"{result['median_abs_error']:.1%}", ""])
+    return table(["stage", "core", "predicted ms (own profile)", "measured ms (flat out)",
+                  "|error|", "in the chain ms"], rows)
+
+
 def render_accuracy(result: dict) -> str:
     rows = [[r["stage"], r["node"], f"{r['predicted_ms']:.2f}", f"{r['measured_ms']:.2f}",
              f"{r['error']:.1%}"] for r in result["runs"]]
@@ -225,7 +312,7 @@ def render_accuracy(result: dict) -> str:
 
 
 RUNNERS = {"links": (links, render_links), "doctor": (doctor, render_doctor),
-           "accuracy": (accuracy, render_accuracy)}
+           "accuracy": (accuracy, render_accuracy), "capped": (capped, render_capped)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,16 +4,17 @@ profile and a node's PROFILE request (`defer profile`) share.
     profile_onnx(model, "basic", threads=1) -> KernelProfile
         onnxruntime's own profiler (`SessionOptions.enable_profiling`) at one optimisation
         level ("basic": kernel names are the ONNX node names; "all": what nodes deploy, fused
-        kernels named after their output tensor), `warmup` runs, then the median of `runs`.
-        Also the layout reorders' total seconds and bytes. Profiles are read one event at a
+        kernels named after their output tensor), `warmup` runs, then `runs` timed runs.
+        Also the layout reorders' seconds and bytes per run. Profiles are read one event at a
         time and reduced as they are read, so a 10k-op graph's trace is never held whole.
     time_models(models, feeds) -> ModelTimes
         Models with no per-op profiler (LiteRT) are timed as one-op models: each run alone, in
         the order given, fed by tensor name from `feeds` and what the models before it produced
         (inputs nobody provides get seeded random values). An op's cost is its invoke alone;
         handing tensors in and out is measured apart, as seconds per byte.
-Both scale their medians to the wall time the runs really took (KernelProfile says why), so a
-device capped to a share of a core is profiled right.
+Both take each kernel's (model's) fastest run as its share and scale the shares to the wall
+time the runs really took (KernelProfile says why), so a device capped to a share of a core is
+profiled right.
 
 Seconds per *kernel* (or per given model) is all this module knows: mapping kernels onto a
 graph's ops, and pricing cuts, is the compiler's job (`defer.compiler.profile`,
@@ -48,14 +49,17 @@ LEVELS = ("basic", "all")  # onnxruntime graph optimisation levels a profile may
 @dataclass
 class KernelProfile:
     """What one onnxruntime profile says: seconds per kernel name, the layout reorders'
-    seconds and output bytes (summed over the runs: only their ratio is used), and the median
+    seconds and output bytes per run (their ratio prices a cut's reorders), and the median
     wall time of one whole run (warm-up runs dropped).
 
-    A kernel's seconds are its median, scaled so that the kernels add up to the median whole
-    run: on an idle core that adds the executor's few percent between kernels; on a device
-    capped to a share of a core (a cgroup quota) it is what makes the profile right at all,
-    since a quota's pauses land inside a few kernels of each run and the per-kernel medians
-    skip them (0.2 core: the medians add up to a fifth of the wall time)."""
+    A kernel's seconds are its fastest run, scaled so that the kernels add up to the median
+    whole run. The fastest run is its share (time that others' work or a pause added is never
+    its own); the whole run is what a stage really takes. On an idle core the scaling adds the
+    executor's few percent between kernels and the usual jitter; on a device capped to a share
+    of a core (a cgroup quota) it is what makes the profile right at all: the quota's pauses
+    land inside a few kernels of each run, the same few when runs line up with its period, so
+    per-kernel medians both miss the pauses (0.2 core: they add up to a fifth of the wall time)
+    and pile them on those few kernels."""
 
     kernels: dict[str, float]
     reorder_seconds: float = 0.0
@@ -146,24 +150,24 @@ def _events(path: str) -> Iterator[dict]:
 def _summarise(events: Iterable[dict], warmup: int) -> KernelProfile:
     durations: dict[str, list[float]] = defaultdict(list)
     whole_runs: list[float] = []
-    reorder_s, reorder_b = 0.0, 0
+    reorders: dict[str, int] = {}  # layout reorder kernel -> bytes it writes per run
     for event in events:
         if event.get("cat") == "Session" and event.get("name") == "model_run":
             whole_runs.append(event["dur"] * 1e-6)
-        if event.get("cat") != "Node":
-            continue
         name = event.get("name", "")
-        if name.endswith("_kernel_time"):
-            durations[name[: -len("_kernel_time")]].append(event["dur"] * 1e-6)
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        name = name[: -len("_kernel_time")]
+        durations[name].append(event["dur"] * 1e-6)
         args = event.get("args", {})
         if args.get("op_name", "").startswith("Reorder"):
-            reorder_s += event["dur"] * 1e-6
-            reorder_b += int(args.get("output_size", 0))
-    kernels = {name: statistics.median(d[warmup:] or d) for name, d in durations.items()}
+            reorders[name] = int(args.get("output_size", 0))
+    fastest = {name: min(d[warmup:] or d) for name, d in durations.items()}
     run = statistics.median(whole_runs[warmup:] or whole_runs) if whole_runs else 0.0
-    scale = _wall_scale(run, sum(kernels.values()))
-    return KernelProfile({name: seconds * scale for name, seconds in kernels.items()},
-                         reorder_s * scale, reorder_b, run)
+    scale = _wall_scale(run, sum(fastest.values()))
+    kernels = {name: seconds * scale for name, seconds in fastest.items()}
+    return KernelProfile(kernels, sum(kernels[name] for name in reorders),
+                         sum(reorders.values()), run)
 
 
 def _wall_scale(wall: float, summed: float) -> float:
@@ -178,8 +182,9 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
                 on_model: Callable[[], None] | None = None) -> ModelTimes:
     """Each model run alone, in order, on what the models before it produced (see above).
 
-    Per model the median; then all are scaled by the timed runs' total over the medians' (x
-    runs), for the reason KernelProfile gives: a quota's pauses land in a few runs only."""
+    Per model its fastest run; then all are scaled by the timed runs' total over the fastest
+    runs' (x runs), for the reasons KernelProfile gives: the fastest run is a model's share,
+    the total is what the runs really took (a quota's pauses land in a few runs only)."""
     values = dict(feeds or {})
     costs, io_rates = np.zeros(len(models)), []
     start, timed = time.perf_counter(), 0.0
@@ -190,10 +195,10 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
             values.update(seeded_feeds(missing, batch))
         feed = {spec.name: values[spec.name] for spec in engine.inputs}
         names = [spec.name for spec in engine.outputs]
-        whole_run = statistics.median(run_seconds(engine, names, feed, runs, warmup))
+        whole_run = min(run_seconds(engine, names, feed, runs, warmup))
         invokes = run_seconds(engine, names, feed, runs, 1,
                               invoke_only=engine.format == "tflite")
-        costs[k], timed = statistics.median(invokes), timed + sum(invokes)
+        costs[k], timed = min(invokes), timed + sum(invokes)
         outputs = engine.run(names, feed)
         handed = sum(a.nbytes for a in feed.values()) + sum(np.asarray(a).nbytes
                                                             for a in outputs)
@@ -205,7 +210,7 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
     scale = _wall_scale(timed, runs * float(costs.sum()))
     times = ModelTimes(costs * scale, scale * float(np.median(io_rates)) if io_rates else 0.0)
     log.info("timed %d one-op models (%d runs each) in %.1f s: %.2f ms of invoke in all "
-             "(medians x %.2f), %.3f ns per byte handed in or out", len(models), runs,
+             "(fastest runs x %.2f), %.3f ns per byte handed in or out", len(models), runs,
              time.perf_counter() - start, 1e3 * times.seconds.sum(), scale,
              1e9 * times.io_seconds_per_byte)
     return times
