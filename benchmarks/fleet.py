@@ -243,7 +243,7 @@ def capped(ctx: Context, quotas: tuple[float, ...] = (0.6, 0.3, 0.2, 0.1)) -> di
     manifest = compile_model(path, len(quotas), ctx.work_dir / "capped", profile=False)
     info = analyse(load_model(path).model, order=manifest.plan["op_order"])
     bounds, runs = manifest.plan["bounds"], []
-    count = max(12, ctx.count // 5)
+    count = max(16, (2 * ctx.count) // 5)  # CFS periods are 100 ms: average over many
     with ExitStack() as stack:
         fleet = Fleet(manifest, max(quotas))
         addresses = stack.enter_context(fleet)
