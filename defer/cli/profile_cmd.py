@@ -30,13 +30,14 @@ _DEFAULTS = ProfileOptions(nodes=())
 @token_options
 @tls_ca_option
 @click.option("--runs", type=int, default=_DEFAULTS.runs, show_default=True,
-              help="Timed runs per op on each node (the median is kept).")
+              help="Timed runs per op on each node (an op's share is its fastest run, scaled "
+                   "to the median whole run).")
 @click.option("--warmup", type=int, default=_DEFAULTS.warmup, show_default=True,
               help="Untimed runs first.")
 @click.option("--batch", type=int, default=_DEFAULTS.batch, show_default=True,
               help="Batch size to profile at (as `defer compile --batch`).")
 @click.option("--sequential", is_flag=True,
-              help="Profile one node at a time (nodes that share CPUs, e.g. on one machine). "
+              help="Profile one node at a time (nodes that share CPUs, e.g. on one machine).  "
                    "[default: all nodes at once]")
 @click.option("--links/--no-links", default=_DEFAULTS.links, show_default=True,
               help="Also time every link: dispatcher <-> each node, and each ordered pair of "
