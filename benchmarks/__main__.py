@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, gateway, network, overhead, partition, trace
+from benchmarks import compute, gateway, network, overhead, partition, tflite, trace
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace", "tflite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +58,11 @@ def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]
     from defer.compiler.load import sample_inputs
     from defer.examples import example_onnx
 
-    ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
-    loaded = load_model(example_onnx("resnet50"))
-    samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     results, tables = {}, []
+    if set(only) - {"tflite"}:  # the ONNX scenarios share one load
+        ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
+        loaded = load_model(example_onnx("resnet50"))
+        samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     if "compute" in only:
         ctx.log("scenario 1+5: compute-bound speed-up and energy")
         results["compute"] = compute.run(ctx, loaded, samples)
@@ -89,6 +90,10 @@ def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]
         ctx.log("scenario 7: tracing's cost, and a trace drawn")
         results["trace"] = trace.run(ctx, loaded, samples, png=out / "trace.png")
         tables.append(trace.render(results["trace"]))
+    if "tflite" in only:
+        ctx.log("scenario 8: TFLite chains and the 2-node speed-up under LiteRT")
+        results["tflite"] = tflite.run(ctx)
+        tables.append(tflite.render(results["tflite"]))
     return results, tables
 
 

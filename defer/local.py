@@ -259,6 +259,7 @@ class RunOptions:
     out_dir: Path | None = None
     profile: bool = True
     warmup: int = 5
+    format: str | None = None  # stages' format when compiling (None: by the model file)
 
     def checked(self) -> RunOptions:
         if self.count < 1:
@@ -279,18 +280,21 @@ def default_stages() -> tuple[int, str]:
 
 def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
                   profile: bool = True, on_plan: Callable[[str], None] | None = None,
-                  ) -> tuple[Manifest, Any]:
-    """(manifest, whole ONNX model or None) for a model file, a bundle dir or the example."""
+                  format: str | None = None) -> tuple[Manifest, Any]:
+    """(manifest, whole ModelProto / .tflite bytes / None) for a model, bundle dir or example."""
     if model is None:
-        from defer.examples import example_onnx
+        from defer.examples import example_onnx, example_tflite
 
-        model = example_onnx("resnet50")
+        model = example_tflite("resnet50") if format == "tflite" else example_onnx("resnet50")
     path = Path(model)
     if (path / MANIFEST_NAME).exists() or path.name == MANIFEST_NAME:
         manifest = load_manifest(path)
         if n_stages is not None and n_stages != len(manifest.stages):
             raise UsageError(f"{path} holds {len(manifest.stages)} stages, not -n {n_stages}; "
                              "drop -n or recompile")
+        if format is not None and {s.format for s in manifest.stages} != {format}:
+            raise UsageError(f"{path} holds {manifest.stages[0].format} stages, not --format "
+                             f"{format}; drop --format or recompile")
         return manifest, _find_whole_model(manifest)
     if not path.exists():
         raise UsageError(f"{path}: no such model file or bundle directory")
@@ -300,9 +304,9 @@ def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
         n_stages, why = default_stages()
         if on_plan is not None:
             on_plan(f"defer run: {why}")
-    loaded = load_model(path)
+    loaded = load_model(path, format=format)
     compile_model(loaded, n_stages, out_dir, profile=profile)
-    return load_manifest(out_dir), loaded.model
+    return load_manifest(out_dir), loaded.model.data if loaded.format == "tflite" else loaded.model
 
 
 def _find_whole_model(manifest: Manifest) -> Any:
@@ -313,6 +317,8 @@ def _find_whole_model(manifest: Manifest) -> Any:
             import onnx
 
             return onnx.load(str(candidate))
+        if source and candidate.suffix == ".tflite" and candidate.is_file():
+            return candidate.read_bytes()
     return None
 
 
@@ -326,7 +332,8 @@ def run_local(model: str | Path | None = None, options: RunOptions | None = None
     warmup = opts.warmup
     with tempfile.TemporaryDirectory(prefix="defer-run-") as tmp:
         bundles = Path(opts.out_dir) if opts.out_dir else Path(tmp) / "bundles"
-        manifest, whole = resolve_model(model, opts.n_stages, bundles, opts.profile, on_plan)
+        manifest, whole = resolve_model(model, opts.n_stages, bundles, opts.profile, on_plan,
+                                        opts.format)
         samples = random_inputs(manifest.inputs, opts.count + warmup, opts.seed)
         single = single_process(manifest, whole, samples, warmup)
         with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
@@ -355,11 +362,13 @@ def single_process(manifest: Manifest, whole: Any, samples: list[Sample],
                    warmup: int) -> dict[str, Any]:
     """One session, one thread, pinned to one core like a node: the reference and baseline.
 
-    Without the whole model (`whole` None) the bundles run in sequence in this process.
+    `whole`: an onnx.ModelProto or a model's bytes (ONNX or TFLite); without it (None) the
+    bundles run in sequence in this process.
     """
     names = [s.name for s in manifest.outputs]
     if whole is not None:
-        engines, label = [load_engine(whole.SerializeToString(), format="onnx")], "whole model"
+        data = whole if isinstance(whole, bytes) else whole.SerializeToString()
+        engines, label = [load_engine(data)], "whole model"
     else:
         engines = stage_engines(manifest)
         label = "bundles in sequence (whole model not found)"

@@ -13,6 +13,11 @@ the bundle (`onnx` or `tflite`). `codec` is the activation codec of every hop. A
 for one protobuf (2 GB) keeps its weights in `data_file` beside it, hashed as `data_sha256`
 (both empty for a self-contained bundle; optional fields, added within schema 2).
 
+`model` records `format` (the stages' format: `onnx` or `tflite`), `opset` (ONNX) or
+`tflite_schema` (TFLite), and for a quantized model `quantization` (mode, calibration file,
+float and quantized bytes and ms, top-1 agreement, max relative error); a quantized crossing
+tensor's spec carries `quant` (scale, zero point). All optional, added within schema 2.
+
 Changes from schema 1: `n_nodes`/`first_node`/`last_node` became `n_ops`/`first_op`/`last_op`
 (stage and model); `codec` is one spec string (the per-hop override nothing wrote is gone);
 stages carry `format`.

@@ -225,15 +225,15 @@ def test_a_tflite_model_is_timed_as_one_op_models_on_the_node(tmp_path):
     from tflite_helpers import need_tensorflow, tflite_bytes
 
     need_tensorflow()
-    from defer.compiler.tflite import read_tflite
+    from defer.compiler.tflite.costs import one_op_models
+    from defer.compiler.tflite.graph import analyse as analyse_tflite
+    from defer.compiler.tflite.slicer import stage_operators
 
     path = tmp_path / "tiny_cnn.tflite"
     path.write_bytes(tflite_bytes("tiny_cnn"))
-    graph = read_tflite(path)
-    from defer.compiler.tflite.costs import one_op_models
-
-    sizes = [len(m) for m in one_op_models(graph, [graph.operator_indices(k, k + 1)
-                                                   for k in range(graph.n_ops)])]
+    info = analyse_tflite(load_model(path).model, 1, "file")
+    sizes = [len(m) for m in one_op_models(info.model, [stage_operators(info, k, k + 1)
+                                                        for k in range(info.n_ops)])]
     node = start_node(token=TOKEN, max_model_size=max(max(sizes), sum(sizes) // 2))
     try:
         out = tmp_path / "cluster.json"
@@ -243,7 +243,7 @@ def test_a_tflite_model_is_timed_as_one_op_models_on_the_node(tmp_path):
     finally:
         stop_processes([node])
     assert profiled.engine == "tflite" and profiled.extra["profile_chunks"] > 1
-    assert list(profiled.op_costs) == [op.name for op in graph.ops]
+    assert list(profiled.op_costs) == [op.name for op in info.ops]
     assert all(c >= 0 for c in profiled.op_costs.values()) and sum(
         profiled.op_costs.values()) > 0
     assert profiled.extra["io_seconds_per_byte"] >= 0

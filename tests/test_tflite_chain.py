@@ -1,6 +1,7 @@
-"""TFLite stage bundles served by real `defer serve` processes (LiteRT inside, TCP between them)
-give exactly what the whole .tflite gives under LiteRT in this process: several tensors per
-hop (DenseNet), two inputs and two outputs, int8 hops (raw, and zfp falling back to lz4).
+"""A .tflite compiled by `compile_model` into stages served by real `defer serve` processes
+(LiteRT inside, TCP between them) gives exactly what the whole .tflite gives under LiteRT in
+this process: several tensors per hop (DenseNet), two inputs and two outputs, int8 hops (raw,
+and zfp falling back to lz4).
 """
 
 from __future__ import annotations
@@ -11,13 +12,7 @@ import pytest
 from defer.fidelity import run_chain
 from defer.local import start_node, stop_processes
 from defer.runtime.dispatcher import Dispatcher
-from tests.tflite_helpers import (
-    need_tensorflow,
-    run_whole,
-    sample_feeds,
-    tflite_bytes,
-    write_bundles,
-)
+from tests.tflite_helpers import need_tensorflow, run_whole, sample_feeds, tflite_bytes
 
 pytestmark = pytest.mark.keras
 
@@ -31,11 +26,15 @@ CASES = [  # model, quantization, stages, codec
 @pytest.mark.parametrize(("name", "mode", "n_stages", "codec"), CASES)
 def test_chain_of_nodes_equals_the_whole_tflite(tmp_path, name, mode, n_stages, codec):
     need_tensorflow()
+    from defer.compiler import compile_model
     from defer.compiler.tflite import read_tflite
 
-    graph = read_tflite(tflite_bytes(name, mode))
-    bounds = [round(i * graph.n_ops / n_stages) for i in range(n_stages + 1)]
-    manifest = write_bundles(graph, bounds, tmp_path / "bundles", codec)
+    path = tmp_path / f"{name}.tflite"
+    path.write_bytes(tflite_bytes(name, mode))
+    graph = read_tflite(path)
+    manifest = compile_model(path, n_stages, tmp_path / "bundles", strategy="layers",
+                             codec=codec, profile=False)
+    assert {s.format for s in manifest.stages} == {"tflite"}
     assert max(len(s.receives) for s in manifest.stages) >= (3 if name == "densenet_tiny" else 1)
     samples = sample_feeds(graph, count=4, seed=2)
     nodes = []

@@ -70,16 +70,17 @@ def test_dynamic_batch_resizes_and_matches_single_runs(multi_io):
 
 @pytest.mark.keras
 def test_int8_slice_specs_carry_scale_and_zero_point():
-    from defer.compiler.tflite import read_tflite
+    from defer.compiler.tflite import stage_bundle
     from defer.engines.litert import LiteRTEngine
+    from tests.tflite_helpers import info_of
 
-    graph = read_tflite(tflite_bytes("tiny_cnn", "int8"))
-    k = graph.position_of(next(op.name for op in graph.ops if op.op_type == "CONV_2D"))
-    engine = LiteRTEngine(graph.slice(k, graph.n_ops))
+    graph, info = info_of("tiny_cnn", "int8")
+    k = info.position_of(next(op.name for op in info.ops if op.op_type == "CONV_2D"))
+    engine = LiteRTEngine(stage_bundle(info, k, info.n_ops, 1)[0])
     (received,) = engine.inputs
-    assert received == graph.tensors[graph.crossing_tensors(k)[0]]
+    assert received == info.specs[info.crossing(k)[0]]
     assert received.dtype == "int8" and received.quant is not None
-    first = LiteRTEngine(graph.slice(0, k))
+    first = LiteRTEngine(stage_bundle(info, 0, k, 0)[0])
     feeds = sample_feeds(graph)[0]
     (sent,) = first.run([received.name], feeds)
     assert sent.dtype == np.int8

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from defer.errors import UsageError
-from tests.tflite_helpers import need_tensorflow, tflite_bytes
+from tests.tflite_helpers import control_flow_tflite, flex_tflite, need_tensorflow, tflite_bytes
 
 pytestmark = pytest.mark.keras
 
@@ -33,33 +33,15 @@ def _refused(source) -> str:
     return message
 
 
-def _convert(tf, function, select_tf_ops: bool = False) -> bytes:
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [function.get_concrete_function()], function)
-    if select_tf_ops:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                               tf.lite.OpsSet.SELECT_TF_OPS]
-    return converter.convert()
-
-
 def test_several_subgraphs_are_refused(tf, tmp_path):
-    @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32)])
-    def loop(x):
-        return tf.while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, y * 2.0),
-                             [tf.constant(0), x])[1]
-
     path = tmp_path / "while.tflite"
-    path.write_bytes(_convert(tf, loop))
+    path.write_bytes(control_flow_tflite())
     message = _refused(path)
     assert message.startswith(str(path)) and "subgraphs" in message
 
 
 def test_flex_ops_are_refused(tf):
-    @tf.function(input_signature=[tf.TensorSpec([4, 4], tf.float32)])
-    def determinant(x):
-        return tf.linalg.det(x)
-
-    message = _refused(_convert(tf, determinant, select_tf_ops=True))
+    message = _refused(flex_tflite())
     assert "Flex" in message and "TFLITE_BUILTINS" in message
 
 

@@ -1,9 +1,11 @@
-"""A node with only the runtime and the [tflite] extra (no TensorFlow) serves a TFLite bundle in
-a chain. Opt-in (it needs a prepared venv, about a minute to build): make one with
+"""With only the runtime and the [tflite] extra (no TensorFlow), `defer compile` cuts a .tflite
+and a node serves a TFLite bundle in a chain. Opt-in (it needs a prepared venv, about a minute
+to build): make one with
   python -m venv /tmp/lean && /tmp/lean/bin/pip install -e '.[tflite]'
 and run with DEFER_TFLITE_VENV=/tmp/lean. Checked: `import tensorflow` fails in the venv; the
-node process maps LiteRT and neither TensorFlow nor onnxruntime; the chain (stage 0 in the
-lean venv, stage 1 in this environment) equals the whole .tflite under LiteRT.
+compile there verifies against the whole .tflite; the node process maps LiteRT and neither
+TensorFlow nor onnxruntime; the chain (stage 0 in the lean venv, stage 1 in this environment)
+equals the whole .tflite under LiteRT.
 """
 
 from __future__ import annotations
@@ -16,14 +18,9 @@ import numpy as np
 import pytest
 
 from defer.local import start_node, stop_processes
+from defer.manifest import load_manifest
 from defer.runtime.dispatcher import Dispatcher
-from tests.tflite_helpers import (
-    need_tensorflow,
-    run_whole,
-    sample_feeds,
-    tflite_bytes,
-    write_bundles,
-)
+from tests.tflite_helpers import need_tensorflow, run_whole, sample_feeds, tflite_bytes
 
 VENV = os.environ.get("DEFER_TFLITE_VENV")
 # start_node runs [*prefix, sys.executable, "-m", "defer", "serve", ...]: run the same command
@@ -46,8 +43,15 @@ def test_a_node_without_tensorflow_serves_a_tflite_stage(tmp_path):
     python = str(Path(VENV) / "bin" / "python")
     no_tf = subprocess.run([python, "-c", "import tensorflow"], capture_output=True, text=True)
     assert no_tf.returncode != 0 and "No module named 'tensorflow'" in no_tf.stderr
-    graph = read_tflite(tflite_bytes("densenet_tiny", "int8"))
-    manifest = write_bundles(graph, [0, graph.n_ops // 2, graph.n_ops], tmp_path / "bundles")
+    model = tmp_path / "densenet.tflite"
+    model.write_bytes(tflite_bytes("densenet_tiny", "int8"))
+    graph = read_tflite(model)
+    compiled = subprocess.run([python, "-m", "defer", "compile", str(model), "-n", "2", "-o",
+                               str(tmp_path / "bundles"), "--verify"], capture_output=True,
+                              text=True)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "verify: max abs error 0, max relative error 0" in compiled.stdout
+    manifest = load_manifest(tmp_path / "bundles")
     samples = sample_feeds(graph, count=3, seed=3)
     nodes = []
     try:

@@ -59,7 +59,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     """defer: distributed edge inference.
 
     \b
-    defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX stages
+    defer compile MODEL -n N -o DIR    cut a model into N balanced ONNX or TFLite stages
     defer inspect DIR                  show the plan of a compiled model
     defer serve [BUNDLE]               run one stage on this node
     defer dispatch --manifest M ...    stream inputs through a chain of nodes

@@ -17,6 +17,7 @@ import click
 
 from defer.cli.common import heartbeat_option, resolve_token, token_options
 from defer.codecs import CODEC_HELP
+from defer.engines import FORMATS
 from defer.local import RunOptions
 from defer.runtime.options import DispatchOptions, NodeConfig
 
@@ -182,13 +183,18 @@ def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: in
               default=None, help="Keep the compiled bundles here.  [default: a temp folder]")
 @click.option("--profile/--no-profile", default=_RUN.profile, show_default=True,
               help="Cost the model with onnxruntime's profiler, or a FLOP estimate.")
+@click.option("--format", "format", type=click.Choice(FORMATS), default=None,
+              help="Format of the stages when compiling (tflite: LiteRT nodes, the whole "
+                   ".tflite as the reference).  [default: tflite for a .tflite model, else "
+                   "onnx]")
 @click.option("--timeout", type=float, default=_RUN.timeout, show_default=True,
               help="Seconds any wait may take before failing with a named node.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the report as JSON here.")
 def run(model: Path | None, report_path: Path | None, **fields) -> None:
-    """Run MODEL (a model file or bundle folder; default: the built-in ResNet50) on a local
-    chain of nodes, one per core, and compare with one process."""
+    """Run MODEL (a model file or bundle folder; default: the built-in ResNet50, as ONNX or
+    with --format tflite as TFLite) on a local chain of nodes, one per core, and compare with
+    one process."""
     from defer.local import run_local
     from defer.runtime.report import format_report
 

@@ -1,7 +1,8 @@
 """The offline compiler: load -> analyse -> cost -> partition -> export.
 
-`compile_model` reads as the recipe; each step is a small function in its own module. The
-result is a folder of `bundle_<i>.onnx` files plus `manifest.json` (see defer/manifest.py).
+`compile_model` reads as the recipe; each step is a small function in its own module, and what
+differs between ONNX and TFLite sits behind `frontend.front_end(format)`. The result is a
+folder of `bundle_<i>.onnx` (or `.tflite`) files plus `manifest.json` (see defer/manifest.py).
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import numpy as np
 import onnx
 
 from defer import __version__, progress
-from defer.compiler.export import stage_model, write_bundles
+from defer.compiler.export import write_bundles
+from defer.compiler.frontend import front_end
 from defer.compiler.graph import GraphInfo, analyse, analyse_orders
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.options import STRATEGIES, CompileOptions, as_options
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
-from defer.compiler.profile import Costs, costs_from_profile, estimate_costs, profile
+from defer.compiler.profile import Costs
 from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
-from defer.errors import PlanError
+from defer.errors import PlanError, UsageError
 from defer.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -42,21 +44,23 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     `compile_model("m.onnx", 4, "out", bandwidth=12.5e6, profile=False)`.
     """
     opts = as_options(options, n_stages, **overrides)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = _load(model, opts)
+    front = front_end(loaded.format)
     with progress.phase("analyse"):
-        infos = analyse_orders(loaded.model, batch=opts.batch, order=opts.order)
+        infos = analyse_orders(loaded.model, opts.batch, opts.order, front.analyse)
     info = infos[0]
     log.info("%d ops (%d constant-only ops attached to their consumers)",
              info.n_ops, len(info.const_ops))
     if opts.n_stages > info.n_ops:
         raise PlanError(f"-n {opts.n_stages} is more stages than the model has ops "
                         f"({info.n_ops}); pass -n {info.n_ops} or fewer")
-    measured = profile(info, runs=opts.profile_runs) if opts.profile else None
+    measured = front.profile(info, runs=opts.profile_runs) if opts.profile else None
     candidates = []
     with progress.phase("plan", total=len(infos)) as step:
         for info in infos:  # one plan per candidate op order: keep the best
-            costs = costs_from_profile(info, measured) if measured else estimate_costs(info)
-            wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
+            costs = front.costs(info, measured) if measured else front.estimate(info)
+            wire = (measure_wire(info, opts.codec, values=front.crossing_values(info))
+                    if opts.codec != "raw" else None)
             problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
                                     opts.latency, opts.memory, opts.local_input, opts.overlap,
                                     wire)
@@ -71,14 +75,15 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     with progress.phase("export", total=opts.n_stages) as step:
         stages = []
         for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
-            stages.append(stage_model(info, a, b, i))
+            stages.append(front.stage(info, a, b, i))
             stages[-1][1].compute = _stage_compute(problem, i, a, b)
             step()
         manifest = Manifest(
             model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
-                   "opset": _opset(loaded.model), "n_ops": info.n_ops,
+                   "format": loaded.format, **front.facts(loaded.model), "n_ops": info.n_ops,
                    "inputs": [info.specs[t].to_dict() for t in info.input_names],
-                   "outputs": [info.specs[t].to_dict() for t in info.output_names]},
+                   "outputs": [info.specs[t].to_dict() for t in info.output_names],
+                   **({"quantization": loaded.quantization} if loaded.quantization else {})},
             plan={**_plan_record(plan, problem, baseline, costs.source, opts.batch,
                                  opts.memory, info.order), "op_orders": orders},
             stages=[spec for _, spec in stages],
@@ -88,6 +93,19 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
         log.info("writing %d bundles to %s", opts.n_stages, out_dir)
         write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
     return manifest
+
+
+def _load(model: str | Path | onnx.ModelProto | LoadedModel, opts: CompileOptions
+          ) -> LoadedModel:
+    """`model` loaded as the options say (format, quantization), or already so loaded."""
+    if not isinstance(model, LoadedModel):
+        return load_model(model, format=opts.format, quantize=opts.quantize,
+                          calibration=opts.calibration)
+    mode = (model.quantization or {}).get("mode")
+    if (opts.format or model.format) != model.format or (opts.quantize or mode) != mode:
+        raise UsageError(f"the model was loaded as {model.format} ({mode or 'float'}); load it "
+                         "with load_model(path, format=..., quantize=...) as it is to compile")
+    return model
 
 
 def _rank(plan: Plan, first: Plan) -> tuple:
@@ -120,18 +138,21 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
 
 
 def resolve_cuts(info: GraphInfo, names: Sequence[str]) -> list[int]:
-    """Cut positions for op names, tensor names or `OpType#k` (the k-th op of that type)."""
+    """Cut positions for op names, tensor names or `OpType#k` (the k-th op of that type, e.g.
+    Conv#3 or CONV_2D#3); a name that is an op's or a tensor's own wins over the pattern."""
     positions = []
     for name in names:
-        match = re.fullmatch(r"([A-Za-z]+)#(\d+)", name)
+        match = re.fullmatch(r"([A-Za-z][A-Za-z0-9_]*)#(\d+)", name)
         try:
-            if match:
+            try:
+                position = info.position_of(name)
+            except KeyError:
+                if not match:
+                    raise
                 # The k-th of that type in the file: the same op whatever order was chosen.
                 of_type = sorted((op.index, i) for i, op in enumerate(info.ops)
                                  if op.op_type == match.group(1))
                 position = of_type[int(match.group(2)) - 1][1] + 1
-            else:
-                position = info.position_of(name)
         except (KeyError, IndexError):
             raise PlanError(f"--cut {name!r}: no op or tensor of that name; "
                             "see the op names with `defer inspect` or use OpType#k") from None
@@ -183,6 +204,3 @@ def _plan_figures(plan: Plan, batch: int) -> dict:
         "wire_bytes": plan.wire_bytes,
     }
 
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -1,9 +1,12 @@
-"""Write one ONNX bundle per stage and the manifest, atomically.
+"""Write one bundle per stage (ONNX here; TFLite slices: defer.compiler.tflite.slicer) and the
+manifest, atomically.
 
-A stage's bundle holds its ops, the constant-only ops they need, the initializers they use, the crossing tensors it consumes as
-graph inputs and the tensors it produces for later stages as graph outputs. Received tensors that
-are still needed downstream are listed as `forward`. Files are written to a side folder and moved
-into place with the manifest last, so a failed compile never leaves output that looks valid.
+`stage_spec` is the manifest entry of a stage in any format. A stage's ONNX bundle holds its
+ops, the constant-only ops they need, the initializers they use, the crossing tensors it
+consumes as graph inputs and the tensors it produces for later stages as graph outputs.
+Received tensors that are still needed downstream are listed as `forward`. Files are written
+to a side folder and moved into place with the manifest last, so a failed compile never leaves
+output that looks valid.
 """
 
 from __future__ import annotations
@@ -27,19 +30,34 @@ log = logging.getLogger(__name__)
 EXTERNAL_ABOVE = 2**31 - 2**26
 
 
+def stage_spec(info: GraphInfo, a: int, b: int, index: int, format: str = "onnx") -> StageSpec:
+    """The manifest entry of the stage of ops [a, b), in any format (sha256 and compute are
+    filled in later): what it receives, consumes, produces and forwards."""
+    ops = info.ops[a:b]
+    produced = {t for op in [*info.attached_ops(a, b), *ops] for t in op.outputs}
+    consumed = {t for op in ops for t in op.inputs}
+    receives, sends = info.crossing(a), info.crossing(b)
+    return StageSpec(
+        index=index, file=f"bundle_{index}.{format}", sha256="",
+        inputs=[info.specs[t] for t in receives if t in consumed],
+        outputs=[info.specs[t] for t in sends if t in produced],
+        forward=[info.specs[t] for t in sends if t not in produced], receives=list(receives),
+        n_ops=b - a, compute=0.0,
+        weight_bytes=sum(info.constant_bytes[w] for w in info.stage_weights(a, b)),
+        bytes_in=info.crossing_bytes(a), bytes_out=info.crossing_bytes(b),
+        first_op=ops[0].name if ops else "", last_op=ops[-1].name if ops else "",
+        format=format,
+    )
+
+
 def stage_model(info: GraphInfo, a: int, b: int, index: int) -> tuple[onnx.ModelProto, StageSpec]:
-    """The bundle of ops [a, b) and its spec (costs filled in by the caller).
+    """The ONNX bundle of ops [a, b) and its spec (costs filled in by the caller).
 
     The constant-only ops its ops need (see graph.py) are duplicated into it, first."""
-    ops = info.ops[a:b]
-    attached = info.attached_ops(a, b)
+    spec = stage_spec(info, a, b, index)
+    ops, attached = info.ops[a:b], info.attached_ops(a, b)
+    inputs, outputs = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
     produced = {t for op in [*attached, *ops] for t in op.outputs}
-    consumed = {t for op in ops for t in op.inputs}
-    receives = info.crossing(a)
-    sends = info.crossing(b)
-    inputs = [t for t in receives if t in consumed]
-    outputs = [t for t in sends if t in produced]
-    forward = [t for t in sends if t not in produced]
     weights = info.stage_weights(a, b)
     initializers = [i for i in info.model.graph.initializer if i.name in weights]
     internal = [vi for vi in info.model.graph.value_info
@@ -55,15 +73,6 @@ def stage_model(info: GraphInfo, a: int, b: int, index: int) -> tuple[onnx.Model
                               producer_name="defer")
     model.ir_version = info.model.ir_version
     model.functions.extend(info.model.functions)
-    spec = StageSpec(
-        index=index, file=f"bundle_{index}.onnx", sha256="",
-        inputs=[info.specs[t] for t in inputs], outputs=[info.specs[t] for t in outputs],
-        forward=[info.specs[t] for t in forward], receives=list(receives),
-        n_ops=b - a, compute=0.0,
-        weight_bytes=sum(info.constant_bytes[w] for w in weights),
-        bytes_in=info.crossing_bytes(a), bytes_out=info.crossing_bytes(b),
-        first_op=ops[0].name if ops else "", last_op=ops[-1].name if ops else "",
-    )
     return model, spec
 
 
@@ -73,9 +82,10 @@ def _value_info(info: GraphInfo, name: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype)), shape)
 
 
-def write_bundles(out_dir: Path, bundles: Sequence[onnx.ModelProto], manifest: Manifest,
+def write_bundles(out_dir: Path, bundles: Sequence[onnx.ModelProto | bytes], manifest: Manifest,
                   external_above: int = EXTERNAL_ABOVE) -> None:
-    """Serialise bundles (filling in each stage's sha256) and the manifest into `out_dir`.
+    """Serialise bundles (ONNX models, or the bytes of a TFLite slice), filling in each
+    stage's sha256, and the manifest into `out_dir`.
 
     A bundle is one self-contained file unless it is bigger than `external_above` bytes
     (protobuf cannot hold 2 GB): then its weights go to `bundle_<i>.onnx.data` beside it, and
@@ -90,7 +100,7 @@ def write_bundles(out_dir: Path, bundles: Sequence[onnx.ModelProto], manifest: M
         manifest.save(partial / MANIFEST_NAME)
         out_dir.mkdir(parents=True, exist_ok=True)
         stale = [out_dir / MANIFEST_NAME, *out_dir.glob("bundle_*.onnx"),
-                 *out_dir.glob("bundle_*.onnx.data")]
+                 *out_dir.glob("bundle_*.onnx.data"), *out_dir.glob("bundle_*.tflite")]
         for path in stale:
             path.unlink(missing_ok=True)
         for stage in manifest.stages:
@@ -102,12 +112,11 @@ def write_bundles(out_dir: Path, bundles: Sequence[onnx.ModelProto], manifest: M
     manifest.path = out_dir / MANIFEST_NAME
 
 
-def _write_bundle(folder: Path, stage: StageSpec, bundle: onnx.ModelProto,
+def _write_bundle(folder: Path, stage: StageSpec, bundle: onnx.ModelProto | bytes,
                   external_above: int) -> None:
-    size = bundle.ByteSize()
     path = folder / stage.file
-    if size <= external_above:
-        data = bundle.SerializeToString()
+    if isinstance(bundle, bytes) or bundle.ByteSize() <= external_above:
+        data = bundle if isinstance(bundle, bytes) else bundle.SerializeToString()
         stage.sha256 = sha256_bytes(data)
         path.write_bytes(data)
         log.info("wrote %s (%.1f MB)", stage.file, len(data) / 1e6)

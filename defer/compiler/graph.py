@@ -33,8 +33,9 @@ b)` (each shared weight once), `attached_ops(a, b)`, `memory()` (a StageMemory).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -45,6 +46,7 @@ from onnx import helper
 
 from defer.compiler.memory import StageMemory
 from defer.compiler.order import choose_order, topological
+from defer.compiler.quantize import quantized_tensors
 from defer.tensors import TensorSpec, itemsize
 
 log = logging.getLogger(__name__)
@@ -271,17 +273,24 @@ def analyse(model: onnx.ModelProto, batch: int = 1, order: str = "auto") -> Grap
     ops = [Op(node.name, node.op_type, node_inputs(node), [t for t in node.output if t],
               source=node) for node in graph.node]
     inputs = [i.name for i in graph.input if i.name not in constants]
-    return build_graph(ops, constants, _tensor_specs(model, set(constants)), inputs,
-                       [o.name for o in graph.output], batch, model, order)
+    specs = _tensor_specs(model, set(constants))
+    for name, quant in quantized_tensors(model).items():  # QDQ models: uint8 activations
+        if name in specs:
+            specs[name] = dataclasses.replace(specs[name], quant=quant)
+    return build_graph(ops, constants, specs, inputs, [o.name for o in graph.output], batch,
+                       model, order)
 
 
-def analyse_orders(model: onnx.ModelProto, batch: int = 1, order: str = "auto") -> list[GraphInfo]:
+def analyse_orders(model: Any, batch: int = 1, order: str = "auto",
+                   front_end: Callable[[Any, int, str], GraphInfo] | None = None,
+                   ) -> list[GraphInfo]:
     """One GraphInfo per candidate op order (`auto`: file, depth, greedy; duplicates dropped),
-    so the compiler can plan each and keep the best; else just the one asked for."""
+    so the compiler can plan each and keep the best; else just the one asked for.
+    `front_end(model, batch, order)` analyses one order (default: `analyse`, ONNX)."""
     names = ["file", "depth", "greedy"] if order == "auto" else [order]
     infos, seen = [], set()
     for name in names:
-        info = analyse(model, batch, name)
+        info = (front_end or analyse)(model, batch, name)
         key = tuple(op.name for op in info.ops)
         if key not in seen:
             seen.add(key)

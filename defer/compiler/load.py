@@ -1,21 +1,32 @@
-"""Load a model as ONNX: `.onnx` directly, Keras (`.h5`, `.keras`, SavedModel) through tf2onnx.
+"""Load a model for the compiler, in the format its stages will have (`--format`).
 
-The result is normalised for the later steps: local functions are inlined, every node has a
-unique name (profiler events map to it), Constant nodes become initializers, and every tensor
-has a type and shape (onnx shape inference on the graph without its weights' bytes, then a real
-run for whatever inference left unknown, keeping dynamic dims dynamic). External data
-(`model.onnx` + `model.onnx.data`, what torch's dynamo exporter writes) is read with the model;
-past 2 GB, sessions are made from a file with external data.
-TensorFlow is imported only for Keras input.
+ONNX (the default for ONNX and Keras input): `.onnx` directly, Keras (`.h5`, `.keras`,
+SavedModel) through tf2onnx, a `.tflite` through tf2onnx's TFLite reader. The result is
+normalised for the later steps: local functions are inlined, every node has a unique name
+(profiler events map to it), Constant nodes become initializers, and every tensor has a type
+and shape (onnx shape inference on the graph without its weights' bytes, then a real run for
+whatever inference left unknown, keeping dynamic dims dynamic). External data (`model.onnx` +
+`model.onnx.data`, what torch's dynamo exporter writes) is read with the model; past 2 GB,
+sessions are made from a file with external data.
+
+TFLite (the default for `.tflite` input): a `.tflite` is read as it is (LiteRT only, no
+TensorFlow); Keras and SavedModel input goes through the TFLite converter. An ONNX input has no
+route to TFLite and is refused.
+
+`quantize` ("fp16", "int8") quantizes the model (see quantize.py) on calibration samples and
+records its size, speed and agreement with the float model in `LoadedModel.quantization`.
+TensorFlow is imported only to convert (`import_tensorflow`).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,9 +34,17 @@ import onnx.inliner
 from onnx import helper
 
 from defer import progress
+from defer.compiler.graph import value_info_spec
+from defer.compiler.quantize import (
+    calibration_samples,
+    check_mode,
+    compare_quantized,
+    quantize_onnx,
+)
+from defer.engines import FORMATS
 from defer.errors import MissingDependencyError, UsageError
 from defer.manifest import sha256_bytes, sha256_file
-from defer.tensors import random_inputs
+from defer.tensors import TensorSpec, random_inputs
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +54,71 @@ KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 
 @dataclass
 class LoadedModel:
-    model: onnx.ModelProto
+    model: Any  # onnx.ModelProto, or a TFLiteGraph for format "tflite"
     name: str
     source: str
     sha256: str
+    format: str = "onnx"
+    quantization: dict | None = None  # quantize.compare_quantized's record, if quantized
 
 
-def load_model(source: str | Path | onnx.ModelProto, opset: int = OPSET) -> LoadedModel:
-    """Read `source` and return a normalised ONNX model with its provenance."""
+def load_model(source: str | Path | onnx.ModelProto, opset: int = OPSET, *,
+               format: str | None = None, quantize: str | None = None,
+               calibration: str | Path | None = None) -> LoadedModel:
+    """Read `source` and return it normalised, with its provenance, in `format` (default:
+    tflite for a `.tflite`, else onnx), quantized to `quantize` on the samples in
+    `calibration` (default: seeded random ones, with a warning)."""
+    check_load(format, quantize, calibration)
     with progress.phase("load"):
         if isinstance(source, onnx.ModelProto):
+            _route(Path("model.onnx"), format, quantize)
             loaded = LoadedModel(source, source.graph.name or "model", "<memory>",
                                  _proto_sha256(source))
+        elif _route(Path(source), format, quantize) == "tflite":
+            from defer.compiler.tflite import load_tflite
+
+            return load_tflite(Path(source), quantize, calibration)
         else:
             loaded = _load_path(Path(source), opset)
         loaded.model = _normalise(loaded.model)
+    if quantize:
+        _quantize_onnx(loaded, quantize, calibration)
     return loaded
+
+
+def check_load(format: str | None, quantize: str | None,
+               calibration: str | Path | None) -> None:
+    """UsageError for a bad `format`, `quantize` or `calibration`, before any slow work."""
+    if format not in (None, *FORMATS):
+        raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
+    check_mode(quantize)
+    if calibration is not None and quantize is None:
+        raise UsageError("--calibration is only used with --quantize; add --quantize int8")
+
+
+def _route(path: Path, format: str | None, quantize: str | None) -> str:
+    """The stages' format for a model at `path`, or a UsageError for a route defer lacks."""
+    suffix = path.suffix.lower()
+    chosen = format or ("tflite" if suffix == ".tflite" else "onnx")
+    if chosen == "tflite" and suffix == ".onnx":
+        raise UsageError(f"{path}: an ONNX model cannot become TFLite stages (no ONNX -> TFLite "
+                         "converter here); use --format onnx, or pass the Keras model or "
+                         "SavedModel it came from")
+    if suffix == ".tflite" and quantize:
+        raise UsageError(f"{path}: a .tflite cannot be quantized again; pass the Keras model "
+                         f"or SavedModel it came from with --quantize {quantize}")
+    return chosen
+
+
+def _quantize_onnx(loaded: LoadedModel, mode: str, calibration: str | Path | None) -> None:
+    """Quantize a loaded ONNX model in place (normalised again: new tensors need shapes)."""
+    samples = calibration_samples(input_specs(loaded.model), calibration)
+    with progress.phase(f"quantize {mode}"):
+        quantized = _normalise(quantize_onnx(loaded.model, mode, samples))
+    loaded.quantization = compare_quantized(loaded.model.SerializeToString(),
+                                            quantized.SerializeToString(), samples, mode,
+                                            calibration)
+    loaded.model = quantized
 
 
 def _proto_sha256(model: onnx.ModelProto) -> str:
@@ -80,27 +148,35 @@ def _load_path(path: Path, opset: int) -> LoadedModel:
                              "check that its external data file sits beside it") from err
     elif suffix in KERAS_SUFFIXES:
         model = _convert_keras(path, opset)
+    elif suffix == ".tflite":
+        from defer.compiler.tflite import tflite_to_onnx
+
+        model = tflite_to_onnx(path, opset)
     else:
         raise UsageError(f"{path}: unknown model format {suffix!r}; "
-                         "defer reads .onnx, .h5, .keras or a SavedModel directory")
+                         "defer reads .onnx, .tflite, .h5, .keras or a SavedModel directory")
     return LoadedModel(model, name, path.name, sha256_file(path))
 
 
-def _import_converter():
+def import_tensorflow(purpose: str, tf2onnx: bool = False) -> tuple[Any, Any]:
+    """(tensorflow, tf2onnx or None), or MissingDependencyError saying that `purpose` needs
+    them and which extra brings them."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    needs = "TensorFlow and tf2onnx" if tf2onnx else "TensorFlow"
     try:
         import tensorflow as tf
-        import tf2onnx
+
+        converter = importlib.import_module("tf2onnx") if tf2onnx else None
     except ImportError as err:
         raise MissingDependencyError(
-            f"Keras input needs TensorFlow and tf2onnx ({err.name} is missing); "
-            "install them with: pip install 'defer-edge[keras]'") from err
+            f"{purpose} needs {needs} ({err.name} is missing); install them with: "
+            "pip install 'defer-edge[keras]'") from err
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    return tf, tf2onnx
+    return tf, converter
 
 
 def _convert_keras(path: Path, opset: int) -> onnx.ModelProto:
-    tf, tf2onnx = _import_converter()
+    tf, tf2onnx = import_tensorflow("Keras input", tf2onnx=True)
     import keras
 
     log.info("loading Keras model %s", path.name)
@@ -123,7 +199,7 @@ def _input_name(tensor, index: int) -> str:
 
 
 def _convert_saved_model(path: Path, opset: int) -> onnx.ModelProto:
-    tf, tf2onnx = _import_converter()
+    tf, tf2onnx = import_tensorflow("SavedModel input", tf2onnx=True)
     log.info("loading SavedModel %s", path)
     loaded = tf.saved_model.load(str(path))
     if "serving_default" not in loaded.signatures:
@@ -218,43 +294,52 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
     """Give every tensor a type and shape: run and read what shape inference missed.
 
-    With dynamic input dims it runs at batch 1 and 2 and keeps the dims that differ dynamic,
-    so bundles keep accepting any batch."""
+    Missed: no shape at all, or, when each model input has at most one dynamic dim (the
+    batch), a shape with several (inference gave up, e.g. on a Reshape to a computed shape:
+    Keras' Flatten). With dynamic input dims it runs at batch 1 and 2 and keeps the dims that
+    differ dynamic, so bundles keep accepting any batch."""
     graph = model.graph
+    one_dynamic = all(_dynamic_dims(vi) <= 1 for vi in graph.input)
     known = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)
-             if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")}
+             if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")
+             and not (one_dynamic and _dynamic_dims(vi) > 1)}
     inits = {i.name for i in graph.initializer}
     missing = [t for n in graph.node for t in n.output if t and t not in known and t not in inits]
     if not missing:
         return
-    log.info("shape inference left %d tensors without a shape; reading them from a run",
+    log.info("shape inference left %d tensors without a full shape; reading them from a run",
              len(missing))
     import onnxruntime as ort
 
+    outputs = {o.name: o for o in graph.output}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing
+                              if t not in outputs)
     with tempfile.TemporaryDirectory(prefix="defer-shapes-") as tmp:
         session = ort_session(probe, ort.SessionOptions(), tmp)
     del probe
     runs = [session.run(missing, sample_inputs(model, batch=b)) for b in _batches(model)]
-    outputs = {o.name: o for o in graph.output}
+    infos = {vi.name: vi for vi in graph.value_info}
     for i, name in enumerate(missing):
         shapes = [values[i].shape for values in runs]
         shape = [d if all(s[j] == d for s in shapes) else None for j, d in enumerate(shapes[0])]
         info = helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(runs[0][i].dtype), shape)
-        graph.value_info.append(info)
-        if name in outputs:
-            outputs[name].CopyFrom(info)
+        for existing in (infos.get(name), outputs.get(name)):
+            if existing is not None:
+                existing.CopyFrom(info)
+        if name not in infos:
+            graph.value_info.append(info)
+
+
+def _dynamic_dims(value: onnx.ValueInfoProto) -> int:
+    shape = value.type.tensor_type.shape
+    return sum(not d.HasField("dim_value") for d in shape.dim)
 
 
 def _batches(model: onnx.ModelProto) -> list[int]:
-    from defer.compiler.graph import value_info_spec
-
-    inits = {i.name for i in model.graph.initializer}
-    specs = [value_info_spec(vi) for vi in model.graph.input if vi.name not in inits]
-    dynamic = any(not isinstance(d, int) for s in specs if s for d in s.shape)
+    dynamic = any(not isinstance(d, int) for s in input_specs(model) for d in s.shape)
     return [1, 2] if dynamic else [1]
 
 
@@ -276,11 +361,15 @@ def ort_session(model: onnx.ModelProto, options, folder: str | Path):
 
 def sample_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs of the model's input shapes, dynamic dims set to `batch`."""
-    from defer.compiler.graph import value_info_spec
+    return random_inputs(input_specs(model), 1, seed, batch)[0]
 
+
+def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """The specs of an ONNX model's inputs (initializers listed as inputs left out)."""
     inits = {i.name for i in model.graph.initializer}
     specs = [value_info_spec(vi) for vi in model.graph.input if vi.name not in inits]
-    return random_inputs([s for s in specs if s is not None], 1, seed, batch)[0]
+    return [s for s in specs if s is not None]
 
 
-__all__ = ["LoadedModel", "load_model", "ort_session", "sample_inputs"]
+__all__ = ["LoadedModel", "check_load", "import_tensorflow", "input_specs", "load_model",
+           "ort_session", "sample_inputs"]

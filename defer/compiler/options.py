@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from defer.codecs import parse_codec
+from defer.compiler.load import check_load
 from defer.compiler.order import ORDERS
 from defer.errors import UsageError
 
@@ -21,7 +22,9 @@ STRATEGIES = ("balanced", "layers")
 class CompileOptions:
     """How to cut a model. `bandwidth` in bytes/s, `memory` in bytes per device, `latency` in
     seconds per hop; `cuts` (op or tensor names, or `OpType#k`) replace the strategy; `order`
-    picks the op order (see order.py: auto, file, depth, greedy)."""
+    picks the op order (see order.py: auto, file, depth, greedy). `format` is the stages'
+    format (None: tflite for a .tflite model, else onnx); `quantize` (fp16, int8) quantizes
+    the model first, calibrated on the samples in the `calibration` .npy/.npz."""
 
     n_stages: int | None = None
     strategy: str = "balanced"
@@ -37,6 +40,9 @@ class CompileOptions:
     profile_runs: int = 10
     codec: str = "raw"
     order: str = "auto"
+    format: str | None = None
+    quantize: str | None = None
+    calibration: str | None = None
 
     def replace(self, **changes) -> CompileOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -75,6 +81,7 @@ class CompileOptions:
             raise UsageError(f"profile_runs {self.profile_runs}: must be 1 or more")
         if self.order not in ORDERS:
             raise UsageError(f"--order {self.order!r} unknown; use one of {', '.join(ORDERS)}")
+        check_load(self.format, self.quantize, self.calibration)
         codec = parse_codec(self.codec).spec
         return dataclasses.replace(self, n_stages=n_stages, cuts=cuts, speeds=speeds, codec=codec)
 

@@ -1,30 +1,37 @@
 """Per-node compute cost, in seconds on this machine.
 
 `profile_costs` uses onnxruntime's own profiler with one intra-op thread like an edge device,
-warm-up runs, then the median of several runs. At ORT_ENABLE_BASIC profile names map one-to-one
+warm-up runs, then several timed runs. At ORT_ENABLE_BASIC profile names map one-to-one
 to ONNX node names, but bundles are deployed at ORT_ENABLE_ALL, where fused NCHWc kernels run
 up to ~20% faster, and not uniformly. So a second profile at ORT_ENABLE_ALL is mapped back: a
 fused kernel is named after its output tensor, its cost is shared over the chain of nodes it
-absorbed in proportion to their BASIC costs, and layout reorders are spread over every node.
+absorbed in proportion to their BASIC costs (a QDQ model's fused QLinear kernel, named
+`NODE_token_<k>`, goes to NODE), and layout reorders are spread over every node.
 
 Cutting a model costs more than its nodes: each bundle converts its inputs to the NCHWc layout
 and its outputs back (reorders, proportional to the bytes crossing), and a cut inside a fused
-chain makes that chain run unfused. `Costs.enter[k]` / `Costs.leave[k]` hold those extra
+chain makes that chain run unfused (not a cut right after a QuantizeLinear of a QDQ model: both
+sides keep their quantized groups). `Costs.enter[k]` / `Costs.leave[k]` hold those extra
 seconds for a stage that starts / ends at cut k, measured from the same profiles.
-`estimate_costs` is the fallback: a FLOP + memory-traffic estimate at nominal rates.
-The profiling itself (onnxruntime's profiler, reduced to median seconds per kernel as it is
-read) is `defer.engines.profiling`, which nodes run too (`defer profile`); this module maps its
-kernels onto the graph's ops. A `Profile` is keyed by kernel name, so profiles measured
-elsewhere (cluster.json's `profile` extra) price any op order. A constant-only op
+`estimate_costs` is the fallback, for either format: a FLOP + memory-traffic estimate at
+nominal rates (the TFLite front end passes its own FLOP count).
+The profiling itself (onnxruntime's profiler, reduced to seconds per kernel as it is read:
+each kernel's fastest run, scaled to the median whole run) is `defer.engines.profiling`, which
+nodes run too (`defer profile`); this module maps its kernels onto the graph's ops. A
+`Profile` is keyed by kernel name, so profiles measured elsewhere (cluster.json's `profile`
+extra) price any op order. A constant-only op
 (graph.py) that onnxruntime did not fold is charged to its first consumer.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +39,7 @@ import onnx
 
 from defer import progress
 from defer.compiler.export import EXTERNAL_ABOVE
-from defer.compiler.graph import GraphInfo
+from defer.compiler.graph import GraphInfo, Op
 from defer.compiler.load import sample_inputs
 from defer.engines.profiling import KernelProfile, profile_onnx
 
@@ -143,6 +150,7 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: KernelProfile) 
     owner: dict[int, float] = defaultdict(float)
     spread_over_all = 0.0
     for name, seconds in summary.kernels.items():
+        name = re.sub(r"_token_\d+$", "", name)  # QDQ fusions: QLinearConv of node NAME
         tensor = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
         position = index.get(name, info.producer.get(tensor, -1))
         if position < 0:
@@ -159,6 +167,7 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: KernelProfile) 
         # A cut inside the group leaves its ops unfused: back to their BASIC cost.
         unfused = max(0.0, float(basic[group].sum()) - seconds)
         enter[group[0] + 1: group[-1] + 1] += unfused
+    enter[_requantized_cuts(info)] = 0.0
     if basic.sum() > 0:
         costs += spread_over_all * basic / basic.sum()
     rate = summary.reorder_seconds / summary.reorder_bytes if summary.reorder_bytes else 0.0
@@ -168,6 +177,13 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: KernelProfile) 
     enter[0] = 0.0
     leave[-1] = 0.0
     return Costs(costs, enter, leave, "profile (ORT_ENABLE_ALL, mapped to ops)")
+
+
+def _requantized_cuts(info: GraphInfo) -> np.ndarray:
+    """Cuts right after a QuantizeLinear (a QDQ model's int8/uint8 activation): they break no
+    fusion, since each side keeps its DequantizeLinear -> op -> QuantizeLinear groups whole."""
+    return np.array([k for k in range(1, info.n_ops)
+                     if info.ops[k - 1].op_type == "QuantizeLinear"], dtype=np.int64)
 
 
 def _consumers(info: GraphInfo) -> dict[int, set[int]]:
@@ -194,17 +210,22 @@ def _fused_group(info: GraphInfo, position: int, owners: dict[int, float],
     return sorted(group)
 
 
-def estimate_costs(info: GraphInfo) -> Costs:
-    """Seconds per node from FLOPs and bytes touched, at the nominal rates above."""
+def estimate_costs(info: GraphInfo, flops: Callable[[Op], float] | None = None) -> Costs:
+    """Seconds per op from FLOPs and bytes touched, at the nominal rates above, in any format:
+    `flops` counts one op's floating-point operations (default: an ONNX node's)."""
+    if flops is None:
+        init_dims = {t.name: list(t.dims) for t in info.model.graph.initializer}
+        flops = partial(_onnx_flops, info, init_dims)
     costs = np.zeros(info.n_ops)
-    inits = info.model.graph.initializer
-    init_dims = {t.name: list(t.dims) for t in inits}
     for i, op in enumerate(info.ops):
-        flops = _node_flops(op.source, info, init_dims)
         touched = sum(info.tensor_bytes(t) for t in [*op.inputs, *op.outputs])
         touched += sum(info.constant_bytes[w] for w in op.weights)
-        costs[i] = flops / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
+        costs[i] = flops(op) / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
     return Costs.nodes_only(costs, "estimate (FLOPs + bytes)")
+
+
+def _onnx_flops(info: GraphInfo, init_dims: dict[str, list[int]], op: Op) -> float:
+    return _node_flops(op.source, info, init_dims)
 
 
 def _shape(name: str, info: GraphInfo, init_dims: dict[str, list[int]]) -> list[int]:

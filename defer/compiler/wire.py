@@ -1,6 +1,7 @@
 """What the crossing tensors cost on the wire under a codec: bytes, encode and decode seconds.
 
-The model runs once on a seeded sample input with every crossing tensor as an extra output;
+The model runs once on a seeded sample input with every crossing tensor as an extra output
+(ONNX here; TFLite: `defer.compiler.tflite.costs.crossing_values`);
 each tensor is then encoded and decoded with the runtime's own codec. Compression ratios depend
 on the data, so they are what this sample input gives (real inputs may compress differently).
 The encode seconds of every tensor crossing cut k are charged to the stage that ends at k, the
@@ -34,10 +35,12 @@ class WireCosts:
     decode: np.ndarray  # (N+1,) seconds to decode it
 
 
-def measure_wire(info: GraphInfo, codec: str, repeats: int = 3) -> WireCosts:
-    """Encoded size and codec time of every crossing tensor, summed per cut."""
+def measure_wire(info: GraphInfo, codec: str, repeats: int = 3,
+                 values: dict[str, np.ndarray] | None = None) -> WireCosts:
+    """Encoded size and codec time of every crossing tensor, summed per cut. `values`: the
+    crossing tensors of a sample run (default: run the ONNX model of `info`)."""
     parsed = parse_codec(codec)
-    values = _crossing_values(info)
+    values = crossing_values(info) if values is None else values
     sizes, enc, dec = {}, {}, {}
     for name, array in values.items():
         enc_times, dec_times = [], []
@@ -71,8 +74,8 @@ def _per_cut(info: GraphInfo, names: list[str], values: np.ndarray) -> np.ndarra
     return np.cumsum(diff)[: info.n_ops + 1]
 
 
-def _crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
-    """Every tensor that crosses some cut, from one run of the whole model."""
+def crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
+    """Every tensor that crosses some cut, from one run of the whole ONNX model."""
     import onnxruntime as ort
 
     names = sorted(info.crossing_tensors())

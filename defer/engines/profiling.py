@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from defer.engines import Engine, load_engine
+from defer.engines import load_engine
 from defer.tensors import TensorSpec, random_inputs
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,12 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
             values.update(seeded_feeds(missing, batch))
         feed = {spec.name: values[spec.name] for spec in engine.inputs}
         names = [spec.name for spec in engine.outputs]
-        whole_run = min(run_seconds(engine, names, feed, runs, warmup))
-        invokes = run_seconds(engine, names, feed, runs, 1,
-                              invoke_only=engine.format == "tflite")
+        run = partial(engine.run, names, feed)
+        whole_run = min(time_calls(run, runs, warmup))
+        if engine.format == "tflite":  # its invoke alone, the inputs set beforehand
+            run()
+            run = engine.interpreter.invoke  # type: ignore[attr-defined]
+        invokes = time_calls(run, runs, 1)
         costs[k], timed = min(invokes), timed + sum(invokes)
         outputs = engine.run(names, feed)
         handed = sum(a.nbytes for a in feed.values()) + sum(np.asarray(a).nbytes
@@ -216,20 +219,8 @@ def time_models(models: Sequence[bytes | bytearray | memoryview | str | Path],
     return times
 
 
-def median_seconds(engine: Engine, names: list[str], feed: Mapping[str, np.ndarray],
-                   runs: int = 20, warmup: int = 3, invoke_only: bool = False) -> float:
-    """Median seconds of `engine.run(names, feed)` over `runs` runs after `warmup` runs;
-    `invoke_only` (a LiteRT engine): of the interpreter's invoke, inputs set beforehand."""
-    return statistics.median(run_seconds(engine, names, feed, runs, warmup, invoke_only))
-
-
-def run_seconds(engine: Engine, names: list[str], feed: Mapping[str, np.ndarray],
-                runs: int = 20, warmup: int = 3, invoke_only: bool = False) -> list[float]:
-    """Seconds of each of `runs` runs (see median_seconds)."""
-    call = partial(engine.run, names, feed)
-    if invoke_only:
-        call()  # sets the inputs
-        call = engine.interpreter.invoke  # type: ignore[attr-defined]
+def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3) -> list[float]:
+    """Seconds of each of `runs` calls of `call()`, after `warmup` untimed calls."""
     for _ in range(warmup):
         call()
     times = []

@@ -9,7 +9,8 @@ as `defer compile` does, which fixes the op names cluster.json's `op_costs` are 
   cut), each under the limit, whose kernels are merged. The compiler's own mapping
   (`costs_from_profile`) turns kernels into per-op seconds.
 - TFLite: one-op models (`one_op_models`, what `time_ops` times), in PROFILE "models"
-  requests of at most `max_model_size` bytes and 4096 models each.
+  requests of at most `max_model_size` bytes and 4096 models each; the compiler reads the
+  answer back as `OpTimes(op names, seconds, io_seconds_per_byte).costs(info)`.
 
 A reply that does not fit the model (kernels that name none of its ops, a count that differs
 from the models sent) raises BadProfile: the node is named by the caller.
@@ -47,7 +48,7 @@ class Work:
     op_names: list[str]
     runs: int = 10
     warmup: int = 3
-    _state: Any = field(default=None, repr=False)  # the compiler's GraphInfo / TFLiteGraph
+    _state: Any = field(default=None, repr=False)  # the compiler's GraphInfo
     _models: list[bytes] | None = field(default=None, repr=False)  # TFLite one-op models
     _requests: dict[int, list[Profile]] = field(default_factory=dict, repr=False)
 
@@ -66,22 +67,15 @@ class Work:
 
 
 def prepare(model: str | Path, runs: int = 10, warmup: int = 3, batch: int = 1) -> Work:
-    """Load and analyse `model` as `defer compile` would."""
-    path = Path(model)
-    if path.suffix.lower() == ".tflite":
-        from defer.compiler.tflite import read_tflite
-        from defer.manifest import sha256_file
+    """Load and analyse `model` as `defer compile` would (a `.tflite` stays TFLite)."""
+    from defer.compiler import load_model
+    from defer.compiler.frontend import front_end
 
-        graph = read_tflite(path)
-        return Work("tflite", {"name": path.stem, "sha256": sha256_file(path),
-                               "format": "tflite", "n_ops": graph.n_ops},
-                    [op.name for op in graph.ops], runs, warmup, graph)
-    from defer.compiler import analyse, load_model
-
-    loaded = load_model(path)
-    info = analyse(loaded.model, batch=batch)
-    return Work("onnx", {"name": loaded.name, "sha256": loaded.sha256, "format": "onnx",
-                         "n_ops": info.n_ops}, [op.name for op in info.ops], runs, warmup, info)
+    loaded = load_model(model)
+    info = front_end(loaded.format).analyse(loaded.model, batch, "file")
+    return Work(loaded.format, {"name": loaded.name, "sha256": loaded.sha256,
+                                "format": loaded.format, "n_ops": info.n_ops},
+                [op.name for op in info.ops], runs, warmup, info)
 
 
 # --- ONNX -------------------------------------------------------------------------------------
@@ -144,15 +138,16 @@ def _onnx_costs(work: Work, results: list[ProfileResult]) -> tuple[dict[str, flo
 
 def _tflite_requests(work: Work, max_size: int) -> list[Profile]:
     from defer.compiler.tflite.costs import one_op_models
+    from defer.compiler.tflite.slicer import stage_operators
 
-    graph = work._state
+    info = work._state
     if work._models is None:
-        groups = [graph.operator_indices(k, k + 1) for k in range(graph.n_ops)]
-        work._models = one_op_models(graph, groups)
+        groups = [stage_operators(info, k, k + 1) for k in range(info.n_ops)]
+        work._models = one_op_models(info.model, groups)
     requests, batch, size = [], [], 0
     for k, model in enumerate(work._models):
         if len(model) > max_size:
-            raise TooSmall(f"op {graph.ops[k].name!r} alone is {len(model) / 2**20:.1f} MiB")
+            raise TooSmall(f"op {info.ops[k].name!r} alone is {len(model) / 2**20:.1f} MiB")
         if batch and (size + len(model) > max_size or len(batch) == MAX_MODELS):
             requests.append(batch)
             batch, size = [], 0
@@ -160,7 +155,7 @@ def _tflite_requests(work: Work, max_size: int) -> list[Profile]:
         size += len(model)
     requests.append(batch)
     return [Profile(mode="models", models=tuple(models), runs=work.runs, warmup=work.warmup,
-                    batch=graph.batch) for models in requests]
+                    batch=info.batch) for models in requests]
 
 
 def _tflite_costs(work: Work, results: list[ProfileResult]) -> tuple[dict[str, float], dict]:

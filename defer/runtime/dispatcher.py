@@ -131,8 +131,9 @@ class Dispatcher:
         self._loop.stop(self._supervisor.close, timeout=self.timeout)
 
     def shutdown_nodes(self) -> None:
-        """Ask every live chain node to drain and exit (SHUTDOWN); lost nodes are skipped."""
-        for link in self._run(lambda: _now(self._supervisor.chain.live())):
+        """Ask every live chain node to drain and exit (SHUTDOWN); lost nodes are skipped.
+        The dispatcher is closed for new requests first: its nodes leaving is then no loss."""
+        for link in self._run(self._supervisor.stop):
             try:
                 self._ask(link, Shutdown(drain=True), min(self.timeout, 5.0))
             except DeferError as err:

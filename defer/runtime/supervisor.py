@@ -199,8 +199,14 @@ class Supervisor:
             if not request.done():
                 request.set_exception(error)
 
-    async def close(self) -> None:
+    async def stop(self) -> list:
+        """CLOSE without closing the connections (the nodes are about to be shut down, so
+        their connections ending is not a loss); the live links, to send SHUTDOWN on."""
         if self.failover.handle(Event.CLOSE) is Action.SHUT:
             self._fail_pending(NodeError("the dispatcher was closed"))
+        return self.chain.live() if self.chain is not None else []
+
+    async def close(self) -> None:
+        await self.stop()
         if self.chain is not None:
             await self.chain.close()

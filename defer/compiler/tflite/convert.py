@@ -1,5 +1,7 @@
 """Conversions that need TensorFlow (the `[keras]` extra): Keras/SavedModel -> `.tflite`, and
-`.tflite` -> ONNX.
+`.tflite` -> ONNX; and `load_tflite`, the compiler's TFLite loader (`load_model` with format
+tflite): a `.tflite` as it is (no TensorFlow), else the converter's output, quantized if asked
+and compared with the float conversion (`quantize.compare_quantized`).
 
 `to_tflite` uses `tf.lite.TFLiteConverter.from_keras_model` (a `.h5`/`.keras` file or a model
 object) or `from_saved_model` (a SavedModel directory), never `from_concrete_functions`, which
@@ -14,8 +16,9 @@ from flatbuffer tensor names to the `.tflite`'s signature names.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,27 +27,39 @@ from typing import Any
 import onnx
 from ai_edge_litert.tools import flatbuffer_utils
 
-from defer.compiler.quantize import calibration_samples, check_mode, tflite_quantization
+from defer.compiler.load import KERAS_SUFFIXES, OPSET, LoadedModel, import_tensorflow
+from defer.compiler.quantize import (
+    calibration_samples,
+    check_mode,
+    compare_quantized,
+    tflite_quantization,
+)
 from defer.compiler.tflite.read import read_tflite
-from defer.errors import MissingDependencyError, UsageError
+from defer.errors import UsageError
+from defer.manifest import sha256_bytes, sha256_file
 from defer.tensors import Sample, TensorSpec
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 
-
-def tensorflow() -> Any:
-    """The tensorflow module, or MissingDependencyError naming the extra that brings it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    try:
-        import tensorflow as tf
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"converting to or from TFLite needs TensorFlow ({err.name} is missing); install "
-            "it with: pip install 'defer-edge[keras]'") from err
-    return tf
+def load_tflite(path: Path, quantize: str | None = None,
+                calibration: str | Path | None = None) -> LoadedModel:
+    """A `.tflite` as it is, or Keras/SavedModel input converted to TFLite (and quantized)."""
+    name = path.stem if path.is_file() else path.name
+    if path.suffix.lower() == ".tflite":
+        return LoadedModel(read_tflite(path), name, path.name, sha256_file(path), "tflite")
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory; check the model path")
+    data = to_tflite(path)
+    sha = sha256_file(path) if path.is_file() else sha256_bytes(data)
+    record = None
+    if quantize:
+        graph = read_tflite(data)
+        samples = calibration_samples([graph.specs[n] for n in graph.input_names], calibration)
+        quantized = to_tflite(path, quantize, samples)
+        record = compare_quantized(data, quantized, samples, quantize, calibration)
+        data = quantized
+    return LoadedModel(read_tflite(data), name, path.name, sha, "tflite", record)
 
 
 def to_tflite(source: str | Path | Any, quantize: str | None = None,
@@ -54,7 +69,7 @@ def to_tflite(source: str | Path | Any, quantize: str | None = None,
     `quantize` ("fp16" or "int8") applies post-training quantization; int8 calibrates on
     `samples` (default: seeded random ones, with a warning)."""
     check_mode(quantize)
-    tf = tensorflow()
+    tf, _ = import_tensorflow("converting to TFLite")
     keras_model, converter = _converter(tf, source)
     specs = _input_specs(tf, keras_model, converter, source)
     if quantize:
@@ -62,11 +77,15 @@ def to_tflite(source: str | Path | Any, quantize: str | None = None,
             samples = calibration_samples(specs)
         tflite_quantization(converter, quantize, samples or [])
     log.info("converting to TFLite%s", f" ({quantize})" if quantize else "")
+    printed = io.StringIO()  # Keras prints its export's signature on stdout: log it instead
     try:
-        data = converter.convert()
+        with contextlib.redirect_stdout(printed):
+            data = converter.convert()
     except Exception as err:  # noqa: BLE001 - the converter raises many types
         reason = " ".join(str(err).split())[:300]
         raise UsageError(f"the TFLite converter failed: {reason}") from None
+    finally:
+        log.debug("the converter printed: %s", printed.getvalue())
     if keras_model is not None:
         data = _rename_outputs(data, list(keras_model.output_names))
     return bytes(data)
@@ -119,14 +138,7 @@ def _rename_outputs(data: bytes, names: list[str]) -> bytes:
 
 def tflite_to_onnx(source: str | Path | bytes, opset: int = OPSET) -> onnx.ModelProto:
     """The ONNX conversion of a `.tflite` (tf2onnx), inputs and outputs named as its signature."""
-    tensorflow()
-    try:
-        import tf2onnx
-    except ImportError as err:
-        raise MissingDependencyError(
-            f"converting TFLite to ONNX needs tf2onnx ({err}); install it with: "
-            "pip install 'defer-edge[keras]'") from err
-    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    _, tf2onnx = import_tensorflow("converting TFLite to ONNX", tf2onnx=True)
     graph = read_tflite(source)
     raw = {_raw_name(graph, t): graph.names[t]
            for t in [*graph.input_indices, *graph.output_indices]}

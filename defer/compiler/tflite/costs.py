@@ -1,52 +1,58 @@
-"""Per-op cost of a `.tflite` model, in seconds on this machine.
+"""Per-op cost of a `.tflite` model, in seconds on this machine, and its crossing tensors' values.
 
-LiteRT has no per-op profiler reachable from Python, so `time_ops` times each op as a one-op
-model (the op with its attached constant ops) under the engine the nodes run
-(`defer.engines.litert`, XNNPACK, one thread), on real inputs: the one-op models run in order,
-each fed what the previous ones produced from seeded (or given) model inputs. `time_groups`
-does the same for any execution order of operator groups (another op order's ops). Warm-up
-runs, then the median of several runs.
+LiteRT has no per-op profiler reachable from Python, so `time_ops` times each op of an analysed
+model (a GraphInfo, in its op order) as a one-op model (the op with its attached constant ops)
+under the engine the nodes run (`defer.engines.litert`, XNNPACK, one thread), on real inputs:
+the one-op models run in that order, each fed what the previous ones produced from seeded (or
+given) model inputs. `time_groups` does it for any execution order of operator groups.
+Warm-up runs, then several timed runs: the timing itself is `defer.engines.profiling.time_models`
+(each op's fastest run, scaled to what the runs took in all), which nodes run too for
+`defer profile`; this module builds the one-op models.
 
 An op's cost is its `invoke()` alone. Handing tensors to and from an engine (`set_tensor` /
 `get_tensor` copies) is paid once per stage, for the tensors crossing its cuts, so it is
 measured apart as seconds per byte (`OpTimes.io_seconds_per_byte`, the median over the one-op
 models) and priced at the cuts (`OpTimes.boundary`). Summing whole one-op runs instead counts
 those copies at every op: MobileNetV2's first stages came out 15-30% too slow that way.
-The timing itself is `defer.engines.profiling.time_models` (nodes run it for `defer profile`;
-`median_seconds` is re-exported from there); this module builds the one-op models.
-`estimate_costs` is the fallback without timing: FLOPs and bytes touched at the nominal rates
-the ONNX estimate uses.
+Times are kept by op name, so one timing prices the model in any op order (`costs`).
+`estimate_costs` is the fallback without timing: `defer.compiler.profile.estimate_costs` (FLOPs
+and bytes at nominal rates) with TFLite's FLOP count.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from defer.compiler.profile import NOMINAL_BYTES_PER_S, NOMINAL_FLOPS
+from defer import progress
+from defer.compiler.profile import Costs
+from defer.compiler.profile import estimate_costs as estimate
 from defer.compiler.tflite.graph import reads
-from defer.compiler.tflite.slicer import slice_operators
-from defer.engines.profiling import median_seconds, time_models
+from defer.compiler.tflite.slicer import slice_operators, stage_operators
+from defer.engines.litert import LiteRTEngine
+from defer.engines.profiling import time_models
 from defer.tensors import random_inputs
 
 if TYPE_CHECKING:
+    from defer.compiler.graph import GraphInfo, Op
     from defer.compiler.tflite.graph import TFLiteGraph
 
 log = logging.getLogger(__name__)
-
-__all__ = ["OpTimes", "estimate_costs", "median_seconds", "one_op_models", "time_groups",
-           "time_ops"]
+SOURCE = "LiteRT one-op timing"
 
 
 @dataclass
 class OpTimes:
-    """Seconds of each op's invoke alone, and of handing one byte into or out of an engine."""
+    """Seconds of each op's invoke alone (by op name), and of handing one byte into or out of
+    an engine."""
 
-    seconds: np.ndarray  # (N,)
+    names: list[str]
+    seconds: np.ndarray  # (N,) in the order of `names`
     io_seconds_per_byte: float
 
     def boundary(self, cut_bytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,27 +63,38 @@ class OpTimes:
         enter[0] = leave[-1] = 0.0
         return enter, leave
 
+    def costs(self, info: GraphInfo) -> Costs:
+        """The Costs of `info`'s ops in its order (the same model, any op order)."""
+        by_name = dict(zip(self.names, self.seconds))
+        node = np.array([by_name[op.name] for op in info.ops], dtype=float)
+        return Costs(node, *self.boundary(info.cut_bytes()), SOURCE)
 
-def time_ops(graph: TFLiteGraph, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
+
+def time_ops(info: GraphInfo, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
              warmup: int = 3, threads: int = 1) -> OpTimes:
-    """Each op run alone as a one-op model, on real activations, in the graph's op order."""
-    groups = [graph.operator_indices(k, k + 1) for k in range(graph.n_ops)]
-    return time_groups(graph, groups, feeds, runs, warmup, threads)
+    """Each op of `info` run alone as a one-op model, on real activations, in its order."""
+    groups = [stage_operators(info, k, k + 1) for k in range(info.n_ops)]
+    with progress.phase("profile", total=len(groups)) as step:
+        seconds, io_rate = time_groups(info.model, groups, feeds, runs, warmup, threads,
+                                       info.batch, step)
+    return OpTimes([op.name for op in info.ops], seconds, io_rate)
 
 
 def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
                 feeds: dict[str, np.ndarray] | None = None, runs: int = 10, warmup: int = 3,
-                threads: int = 1) -> OpTimes:
-    """Each group of operators (flatbuffer indices: an op and its constant ops) run alone as
-    one model; the groups run in the order given, which must be an execution order, each fed
-    what the groups before it produced. The timing is `defer.engines.profiling.time_models`,
-    which nodes run too (`defer profile`)."""
+                threads: int = 1, batch: int = 1,
+                step: Callable[[], object] = lambda: None) -> tuple[np.ndarray, float]:
+    """(seconds of each group's invoke, seconds per byte handed in or out): each group of
+    operators (flatbuffer indices: an op and its constant ops) run alone as one model; the
+    groups run in the order given, which must be an execution order, each fed what the groups
+    before it produced. The timing is `defer.engines.profiling.time_models`, which nodes run
+    too (`defer profile`)."""
     if feeds is None:
         specs = [graph.tensors[t] for t in graph.input_indices]
-        feeds = random_inputs(specs, 1, seed=0, batch=graph.batch)[0]
-    times = time_models(one_op_models(graph, groups), feeds, runs, warmup, threads,
-                        graph.batch)
-    return OpTimes(times.seconds, times.io_seconds_per_byte)
+        feeds = random_inputs(specs, 1, seed=0, batch=batch)[0]
+    times = time_models(one_op_models(graph, groups), feeds, runs, warmup, threads, batch,
+                        on_model=step)
+    return times.seconds, times.io_seconds_per_byte
 
 
 def one_op_models(graph: TFLiteGraph, groups: Sequence[Sequence[int]]) -> list[bytes]:
@@ -93,24 +110,34 @@ def one_op_models(graph: TFLiteGraph, groups: Sequence[Sequence[int]]) -> list[b
     return models
 
 
-def estimate_costs(graph: TFLiteGraph) -> np.ndarray:
+def crossing_values(info: GraphInfo, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every tensor that crosses some cut of `info`, from one run of the whole model on a
+    seeded sample input (one slice of every operator that outputs them all)."""
+    graph: TFLiteGraph = info.model
+    feeds = random_inputs([graph.specs[n] for n in graph.input_names], 1, seed, info.batch)[0]
+    wanted = [t for t in sorted(info.crossing_tensors()) if t not in feeds]
+    engine = LiteRTEngine(slice_operators(graph, range(len(graph.subgraph.operators)),
+                                          graph.input_names, wanted))
+    values = dict(zip(wanted, engine.run(wanted, feeds)))
+    values.update({t: feeds[t] for t in info.crossing_tensors() if t in feeds})
+    return values
+
+
+def estimate_costs(info: GraphInfo) -> Costs:
     """Seconds per op from FLOPs and bytes touched (activations and weights)."""
-    costs = np.zeros(graph.n_ops)
-    operators = graph.subgraph.operators
-    for k, op in enumerate(graph.ops):
-        operator = operators[op.index]
-        flops = _flops(graph, op.op_type, operator)
-        touched = sum(graph.tensor_bytes(t) for t in [*operator.inputs, *operator.outputs]
-                      if t >= 0)
-        touched += sum(graph.buffer_bytes[w] for w in graph.op_weights[k])
-        costs[k] = flops / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
-    return costs
+    return estimate(info, partial(op_flops, info))
 
 
-def _flops(graph: TFLiteGraph, op_type: str, operator) -> float:
+def op_flops(info: GraphInfo, op: Op) -> float:
+    """Floating-point operations of one op of a TFLite model's analysis."""
+    graph: TFLiteGraph = info.model
+    return _flops(graph, op.op_type, graph.subgraph.operators[op.source], info.batch)
+
+
+def _flops(graph: TFLiteGraph, op_type: str, operator, batch: int) -> float:
     tensors = graph.subgraph.tensors
     out = [t for t in operator.outputs if t >= 0]
-    out_elems = float(np.prod(_shape(graph, out[0]))) if out else 0.0
+    out_elems = float(np.prod(_shape(graph, out[0], batch))) if out else 0.0
     weight = list(tensors[operator.inputs[1]].shape) if len(operator.inputs) > 1 and \
         operator.inputs[1] >= 0 else []
     if op_type == "CONV_2D" and len(weight) == 4:  # filter [out, kh, kw, in]
@@ -120,17 +147,17 @@ def _flops(graph: TFLiteGraph, op_type: str, operator) -> float:
     if op_type == "FULLY_CONNECTED" and len(weight) == 2:  # weights [out, in]
         return 2.0 * out_elems * weight[1]
     if op_type == "BATCH_MATMUL" and weight:
-        lhs = _shape(graph, operator.inputs[0])
+        lhs = _shape(graph, operator.inputs[0], batch)
         return 2.0 * out_elems * (lhs[-1] if lhs else 1)
     if op_type == "TRANSPOSE_CONV" and len(operator.inputs) > 2:
         kernel = list(tensors[operator.inputs[1]].shape)  # [out, kh, kw, in]
-        source = _shape(graph, operator.inputs[2])
+        source = _shape(graph, operator.inputs[2], batch)
         return 2.0 * float(np.prod(source)) * float(np.prod(kernel[:3])) if kernel else 0.0
     return out_elems
 
 
-def _shape(graph: TFLiteGraph, index: int) -> list[int]:
+def _shape(graph: TFLiteGraph, index: int, batch: int) -> list[int]:
     spec = graph.tensors.get(index)
     if spec is not None:
-        return list(spec.concrete_shape(graph.batch))
+        return list(spec.concrete_shape(batch))
     return [int(d) for d in graph.subgraph.tensors[index].shape]

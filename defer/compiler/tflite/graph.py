@@ -1,37 +1,34 @@
-"""The analysis of a `.tflite` model for cutting: ops in order, crossing sets, sizes.
+"""A `.tflite` model described for the compiler, and its analysis into a GraphInfo.
 
-`read_tflite` (defer.compiler.tflite.read) parses and checks a file and calls `analyse`.
-Operators are stored in execution order, so that order is the op order.
+`TFLiteGraph` holds what `read_tflite` (defer.compiler.tflite.read) found in the flatbuffer:
+the object tree, its bytes (the whole-model reference), a unique *name* per tensor and the
+spec of every tensor that is not a constant. Tensors are keyed by their index in subgraph 0:
+flatbuffer names are long fused names and need not be unique. A tensor's name is the model's
+signature name for its inputs and outputs, else the first part of the flatbuffer name (before
+any ';'), with `#<index>` appended when that part is taken.
 
-Tensors are keyed by their index in subgraph 0 (flatbuffer names are long fused names and need
-not be unique). Each tensor also gets a unique *name* for manifests, the wire and slice
-signatures: the model's signature names for its inputs and outputs, else the first part of the
-flatbuffer name (before any ';'), with `#<index>` appended when that part is taken.
-
-Constants are tensors with buffer data, plus the outputs of *constant ops*: ops that read only
-constants, such as the DEQUANTIZE of each fp16 weight. A constant op is not in the op order
-and is never a cut point: it is attached to every op that consumes its outputs, and goes (and
-is timed) with each of them. Position k (0..N) is a cut before op k. The crossing set of k holds
-the tensors produced before k (or model inputs) and consumed at or after k (or model outputs).
+`analyse` hands the operators, in file order (TFLite's execution order), to the format-neutral
+`defer.compiler.graph.build_graph`, like the ONNX front end does: `Op.source` is the flatbuffer
+operator index. Constants are the tensors with buffer data and variable tensors (state their op
+owns); an op that reads only constants (the DEQUANTIZE of each fp16 weight) is a constant-only
+op, attached to every op that consumes it, never a cut point.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
-import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
+from defer.compiler.graph import GraphInfo, Op, build_graph
 from defer.errors import UsageError
 from defer.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
-GRAPH_INPUT = -1
 SIGNATURE = "serving_default"
 OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
@@ -41,37 +38,17 @@ _DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "FLOAT64": "float64", "IN
            "UINT32": "uint32", "INT64": "int64", "UINT64": "uint64", "BOOL": "bool"}
 
 
-@dataclass(frozen=True)
-class TFLiteOp:
-    """One cuttable operator: its display name, builtin type and flatbuffer operator index."""
-
-    name: str  # unique: the name of its first output tensor
-    op_type: str  # e.g. "CONV_2D"
-    index: int  # position in subgraph 0's operator list
-    attached: tuple[int, ...] = ()  # constant ops (operator indices) that go with this op
-
-
 @dataclass
 class TFLiteGraph:
-    """The facts about one `.tflite` model that the compiler needs, and its slicer and timer."""
+    """One parsed, checked `.tflite` model: the facts its slicer, timer and analysis need."""
 
     model: schema.ModelT
     data: bytes  # the file as read: the whole-model reference
-    ops: list[TFLiteOp]
     names: dict[int, str]  # tensor index -> unique name
-    tensors: dict[int, TensorSpec]  # every non-constant tensor, by index
-    producer: dict[int, int]  # tensor -> position of its producer (GRAPH_INPUT for inputs)
-    last_use: dict[int, int]  # tensor -> last consuming position (N for model outputs)
+    tensors: dict[int, TensorSpec]  # every tensor that is not a constant, by index
     input_indices: list[int]  # model inputs, signature order
     output_indices: list[int]  # model outputs, signature order
-    op_weights: list[set[int]]  # buffer indices each op reads (its constant ops' too)
     buffer_bytes: dict[int, int]  # buffer index -> bytes
-    batch: int = 1
-    _crossing: list[list[int]] = field(default_factory=list, repr=False)
-
-    @property
-    def n_ops(self) -> int:
-        return len(self.ops)
 
     @property
     def subgraph(self) -> schema.SubGraphT:
@@ -79,7 +56,7 @@ class TFLiteGraph:
 
     @cached_property
     def specs(self) -> dict[str, TensorSpec]:
-        """Every non-constant tensor's spec, by unique name (as the ONNX GraphInfo has them)."""
+        """Every non-constant tensor's spec, by unique name."""
         return {spec.name: spec for spec in self.tensors.values()}
 
     @cached_property
@@ -94,34 +71,19 @@ class TFLiteGraph:
     def output_names(self) -> list[str]:
         return [self.names[t] for t in self.output_indices]
 
-    def crossing_tensors(self, k: int) -> list[int]:
-        """Indices of the tensors crossing a cut before op k (by producer, then index)."""
-        return self._crossing[k]
-
-    def crossing(self, k: int) -> list[str]:
-        """Names of the tensors crossing a cut before op k."""
-        return [self.names[t] for t in self._crossing[k]]
-
-    def tensor_bytes(self, tensor: int | str) -> int:
+    def tensor_bytes(self, tensor: int | str, batch: int = 1) -> int:
         index = self.index_of[tensor] if isinstance(tensor, str) else tensor
         spec = self.tensors.get(index)
-        return spec.nbytes(self.batch) if spec is not None else 0
-
-    def crossing_bytes(self, k: int) -> int:
-        return sum(self.tensor_bytes(t) for t in self._crossing[k])
-
-    def op_outputs(self, position: int) -> list[int]:
-        """The tensors op `position` produces."""
-        operator = self.subgraph.operators[self.ops[position].index]
-        return [t for t in operator.outputs if t >= 0]
+        return spec.nbytes(batch) if spec is not None else 0
 
     def operator_table(self) -> list[tuple[str, str, list[str], list[str], int]]:
-        """Every operator, constant ops included, in file order, as (unique name, op type,
-        names of the tensors it reads, names of those it writes, operator index): the plain
-        values a format-neutral graph builder takes. Constants appear by name as inputs."""
+        """Every operator in file order as (unique name = its first output's, op type, names
+        of the tensors it reads, names of those it writes, operator index)."""
         table = []
-        for i, operator in enumerate(self.subgraph.operators):
-            outputs = [t for t in operator.outputs if t >= 0]
+        for i, operator in enumerate(self.subgraph.operators or []):
+            outputs = [t for t in operator.outputs or [] if t >= 0]
+            if not outputs:
+                raise UsageError(f"operator {i} has no outputs; convert the model again")
             table.append((self.names[outputs[0]], op_type(self.model, operator),
                           [self.names[t] for t in reads(operator)],
                           [self.names[t] for t in outputs], i))
@@ -134,53 +96,38 @@ class TFLiteGraph:
         found = {}
         for i, tensor in enumerate(self.subgraph.tensors):
             if tensor.isVariable:
-                found[self.names[i]] = _spec(self.names[i], tensor).nbytes(self.batch)
-            elif i not in self.tensors and self.buffer_bytes.get(tensor.buffer, 0) > 0:
-                found[self.names[i]] = self.buffer_bytes[tensor.buffer]
+                found[self.names[i]] = _spec(self.names[i], tensor).nbytes()
+            elif i not in self.tensors:
+                found[self.names[i]] = self.buffer_bytes.get(tensor.buffer, 0)
         return found
 
-    def operator_indices(self, a: int, b: int) -> list[int]:
-        """Flatbuffer operator indices of ops [a, b) and their constant ops, in file order."""
-        return sorted({i for op in self.ops[a:b] for i in (*op.attached, op.index)})
-
-    def weight_bytes(self, a: int, b: int) -> int:
-        """Bytes of the constant buffers ops [a, b) read (each counted once)."""
-        buffers = set().union(*self.op_weights[a:b]) if b > a else set()
-        return sum(self.buffer_bytes[w] for w in buffers)
-
-    def position_of(self, name: str) -> int:
-        """The cut position right after op `name`, or after the producer of tensor `name`."""
-        for i, op in enumerate(self.ops):
-            if op.name == name:
-                return i + 1
-        index = self.index_of.get(name)
-        if index is not None and self.producer.get(index, GRAPH_INPUT) != GRAPH_INPUT:
-            return self.producer[index] + 1
-        raise KeyError(name)
-
-    def slice(self, a: int, b: int, outputs: Sequence[int] | None = None) -> bytes:
-        """A self-contained `.tflite` of ops [a, b); see `defer.compiler.tflite.slicer`."""
-        from defer.compiler.tflite.slicer import slice_model
-
-        return slice_model(self, a, b, outputs)
-
-    def time_ops(self, feeds: dict[str, np.ndarray] | None = None, runs: int = 10,
-                 warmup: int = 3, threads: int = 1):
-        """An OpTimes: each op's seconds under LiteRT and the I/O rate at cuts; see
-        `defer.compiler.tflite.costs.time_ops`."""
-        from defer.compiler.tflite.costs import time_ops
-
-        return time_ops(self, feeds, runs, warmup, threads)
-
-    def estimate_costs(self) -> np.ndarray:
-        """Seconds of each op from FLOPs and bytes; see `defer.compiler.tflite.costs`."""
-        from defer.compiler.tflite.costs import estimate_costs
-
-        return estimate_costs(self)
-
     def __repr__(self) -> str:
-        return (f"TFLiteGraph({self.n_ops} ops, inputs {self.input_names}, "
-                f"outputs {self.output_names})")
+        return (f"TFLiteGraph({len(self.subgraph.operators or [])} operators, inputs "
+                f"{self.input_names}, outputs {self.output_names})")
+
+
+def describe(model: schema.ModelT, data: bytes) -> TFLiteGraph:
+    """The TFLiteGraph of a parsed, checked model (`read_tflite` is the way in)."""
+    subgraph = model.subgraphs[0]
+    buffer_bytes = {i: len(b.data) if b.data is not None else 0
+                    for i, b in enumerate(model.buffers or [])}
+    inputs, outputs, io_names = _signature(model, subgraph)
+    names = _unique_names(subgraph, io_names)
+    tensors = {i: _spec(names[i], t) for i, t in enumerate(subgraph.tensors)
+               if not t.isVariable and not buffer_bytes.get(t.buffer, 0)}
+    return TFLiteGraph(model, data, names, tensors, inputs, outputs, buffer_bytes)
+
+
+def analyse(graph: TFLiteGraph, batch: int = 1, order: str = "auto") -> GraphInfo:
+    """The GraphInfo of a `.tflite` model: its ops in the chosen order (`info.model` is the
+    TFLiteGraph, `Op.source` the flatbuffer operator index)."""
+    ops = [Op(name, kind, inputs, outputs, source=index)
+           for name, kind, inputs, outputs, index in graph.operator_table()]
+    info = build_graph(ops, graph.constant_bytes, graph.specs, graph.input_names,
+                       graph.output_names, batch, graph, order)
+    log.debug("%r: %d ops (%d constant ops attached), %s order", graph, info.n_ops,
+             len(info.const_ops), info.order)
+    return info
 
 
 def op_type(model: schema.ModelT, operator: schema.OperatorT) -> str:
@@ -192,104 +139,9 @@ def op_type(model: schema.ModelT, operator: schema.OperatorT) -> str:
     return OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
 
 
-def analyse(model: schema.ModelT, data: bytes, batch: int = 1) -> TFLiteGraph:
-    """The TFLiteGraph of a parsed, checked model (`read_tflite` is the way in)."""
-    subgraph = model.subgraphs[0]
-    operators = subgraph.operators or []
-    constant = _constant_tensors(model, subgraph)
-    const_ops = _constant_ops(operators, constant, set(subgraph.outputs or []))
-    constant |= {t for i in const_ops for t in operators[i].outputs if t >= 0}
-    inputs, outputs, io_names = _signature(model, subgraph)
-    names = _unique_names(subgraph, io_names)
-    real = [i for i in range(len(operators)) if i not in const_ops]
-    attached = _attach(operators, real, const_ops)
-    ops = [TFLiteOp(names[_first_output(operators[i], i)], op_type(model, operators[i]), i,
-                    attached[i]) for i in real]
-    producer = {t: GRAPH_INPUT for t in inputs}
-    last_use: dict[int, int] = {}
-    op_weights: list[set[int]] = []
-    for pos, op in enumerate(ops):
-        op_weights.append(_op_buffers(model, subgraph, [*op.attached, op.index]))
-        operator = operators[op.index]
-        for t in reads(operator):
-            if t not in constant:
-                last_use[t] = pos
-        for t in operator.outputs:
-            if t >= 0:
-                producer[t] = pos
-    for t in outputs:
-        last_use[t] = len(ops)
-    tensors = {i: _spec(names[i], tensor) for i, tensor in enumerate(subgraph.tensors)
-               if i not in constant}
-    buffer_bytes = {i: len(b.data) if b.data is not None else 0
-                    for i, b in enumerate(model.buffers or [])}
-    graph = TFLiteGraph(model, data, ops, names, tensors, producer, last_use, inputs, outputs,
-                        op_weights, buffer_bytes, batch)
-    graph._crossing = _crossing_sets(producer, last_use, len(ops))
-    log.info("%r: %d ops (%d constant ops attached)", graph, len(ops), len(const_ops))
-    return graph
-
-
 def reads(operator: schema.OperatorT) -> list[int]:
     """The tensors an operator reads: its inputs and intermediates (optional ones skipped)."""
     return [t for t in [*(operator.inputs or []), *(operator.intermediates or [])] if t >= 0]
-
-
-def _first_output(operator: schema.OperatorT, index: int) -> int:
-    outputs = [t for t in operator.outputs or [] if t >= 0]
-    if not outputs:
-        raise UsageError(f"operator {index} has no outputs; convert the model again")
-    return outputs[0]
-
-
-def _constant_tensors(model: schema.ModelT, subgraph: schema.SubGraphT) -> set[int]:
-    """Tensors with data in a buffer, and variable tensors (state owned by their op)."""
-    buffers = model.buffers or []
-    return {i for i, t in enumerate(subgraph.tensors)
-            if t.isVariable or (0 < t.buffer < len(buffers) and buffers[t.buffer].data is not None
-                                and len(buffers[t.buffer].data))}
-
-
-def _constant_ops(operators: list[schema.OperatorT], constant: set[int],
-                  model_outputs: set[int]) -> set[int]:
-    """Operators that read only constants (transitively) and produce no model output."""
-    known = set(constant)
-    found: set[int] = set()
-    for i, operator in enumerate(operators):
-        reads = [t for t in operator.inputs or [] if t >= 0]
-        outs = [t for t in operator.outputs or [] if t >= 0]
-        if reads and all(t in known for t in reads) and not set(outs) & model_outputs:
-            found.add(i)
-            known.update(outs)
-    return found
-
-
-def _attach(operators: list[schema.OperatorT], real: list[int],
-            const_ops: set[int]) -> dict[int, tuple[int, ...]]:
-    """For every real op, the constant ops its inputs come from (transitively), in order."""
-    made_by = {t: i for i in const_ops for t in operators[i].outputs if t >= 0}
-    attached: dict[int, tuple[int, ...]] = {}
-    for i in real:
-        found: set[int] = set()
-        stack = [t for t in reads(operators[i]) if t in made_by]
-        while stack:
-            j = made_by[stack.pop()]
-            if j not in found:
-                found.add(j)
-                stack.extend(t for t in reads(operators[j]) if t in made_by)
-        attached[i] = tuple(sorted(found))
-    return attached
-
-
-def _op_buffers(model: schema.ModelT, subgraph: schema.SubGraphT,
-                operator_indices: list[int]) -> set[int]:
-    found = set()
-    for i in operator_indices:
-        for t in reads(subgraph.operators[i]):
-            buffer = subgraph.tensors[t].buffer
-            if buffer > 0 and model.buffers[buffer].data is not None:
-                found.add(buffer)
-    return found
 
 
 def _signature(model: schema.ModelT,
@@ -328,15 +180,6 @@ def _spec(name: str, tensor: schema.TensorT) -> TensorSpec:
     if q is not None and q.scale is not None and len(q.scale) == 1 and q.scale[0] != 0:
         quant = (float(q.scale[0]), int(q.zeroPoint[0]) if q.zeroPoint is not None else 0)
     return TensorSpec(name, dtype.lower(), shape, quant)
-
-
-def _crossing_sets(producer: dict[int, int], last_use: dict[int, int], n: int) -> list[list[int]]:
-    # A tensor crosses every cut k with producer < k <= last_use.
-    cross: list[list[int]] = [[] for _ in range(n + 1)]
-    for t, p in sorted(producer.items(), key=lambda kv: (kv[1], kv[0])):
-        for k in range(p + 1, last_use.get(t, p) + 1):
-            cross[k].append(t)
-    return cross
 
 
 def _text(value: bytes | str | None) -> str:

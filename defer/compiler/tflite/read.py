@@ -1,4 +1,4 @@
-"""Read a `.tflite` file: parse the flatbuffer, refuse what defer cannot cut, analyse the rest.
+"""Read a `.tflite` file: parse the flatbuffer, refuse what defer cannot cut, describe the rest.
 
 Only single-subgraph models made of builtin ops are accepted: several subgraphs (WHILE, IF,
 CALL...), resource variables and Flex/custom ops are refused with a one-line UsageError naming
@@ -12,19 +12,19 @@ from pathlib import Path
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
-from defer.compiler.tflite.graph import OP_NAMES, TFLiteGraph, analyse, op_type
+from defer.compiler.tflite.graph import OP_NAMES, TFLiteGraph, describe, op_type
 from defer.errors import UsageError
 
 _RESOURCE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
 
 
-def read_tflite(source: str | Path | bytes | bytearray, batch: int = 1) -> TFLiteGraph:
-    """Parse, check and analyse a `.tflite` file (or its bytes)."""
+def read_tflite(source: str | Path | bytes | bytearray) -> TFLiteGraph:
+    """Parse, check and describe a `.tflite` file (or its bytes)."""
     where = str(source) if isinstance(source, str | Path) else "the model"
     data = _read_bytes(source)
     model = _parse(data, where)
     _check_supported(model, where)
-    return analyse(model, data, batch)
+    return describe(model, data)
 
 
 def _read_bytes(source: str | Path | bytes | bytearray) -> bytes:

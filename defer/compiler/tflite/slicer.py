@@ -1,15 +1,16 @@
-"""Cut ops [a, b) of an analysed `.tflite` into a self-contained `.tflite`.
+"""Cut a `.tflite` into self-contained `.tflite` stages.
 
-The slice keeps, in the model's own execution order, the ops [a, b) and the constant ops
-attached to them; the tensors those ops use, renumbered; only the buffers those tensors (and the
-model's metadata) reference; only the operator codes used. Its inputs are the tensors crossing
-cut a that it consumes, its outputs the tensors crossing cut b that it produces (or the tensors
-asked for), each in crossing order, and its `serving_default` signature names them with the
-tensors' unique names. The same kernels run on the same inputs, so a chain of slices computes
-exactly what the whole model computes.
+`slice_operators` keeps any set of operators, in the model's own execution order (any subset of
+an execution order is one); the tensors they use, renumbered; only the buffers those tensors
+(and the model's metadata) reference; only the operator codes used. Its inputs and outputs are
+the tensors asked for, and its `serving_default` signature names them with the tensors' unique
+names. The same kernels run on the same inputs, so a chain of slices computes exactly what the
+whole model computes.
 
-`stage_bundle` is the TFLite twin of `defer.compiler.export.stage_model`: a slice plus the
-manifest's StageSpec of that stage (format "tflite", compute left for the caller).
+`stage_bundle` is the TFLite twin of `defer.compiler.export.stage_model`: the slice of ops
+[a, b) of an analysed model (a GraphInfo) with the constant ops attached to them, taking the
+tensors crossing cut a that it consumes and giving those crossing cut b that it produces, plus
+the manifest's StageSpec of that stage (format "tflite").
 """
 
 from __future__ import annotations
@@ -21,28 +22,33 @@ from typing import TYPE_CHECKING
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
+from defer.compiler.export import stage_spec
 from defer.compiler.tflite.graph import reads
 from defer.errors import PlanError
-from defer.manifest import StageSpec, sha256_bytes
+from defer.manifest import StageSpec
 
 if TYPE_CHECKING:
+    from defer.compiler.graph import GraphInfo
     from defer.compiler.tflite.graph import TFLiteGraph
 
 SIGNATURE = "serving_default"
 
 
-def slice_model(graph: TFLiteGraph, a: int, b: int,
-                outputs: Sequence[int] | None = None) -> bytes:
-    """The `.tflite` bytes of ops [a, b); `outputs` (tensor indices) overrides its outputs."""
-    if not 0 <= a < b <= graph.n_ops:
-        raise PlanError(f"cannot slice ops [{a}, {b}) of a model with {graph.n_ops} ops")
-    indices = graph.operator_indices(a, b)
-    produced, consumed = _produced_consumed(graph, indices)
-    inputs = [t for t in graph.crossing_tensors(a) if t in consumed]
-    if outputs is None:
-        outputs = [t for t in graph.crossing_tensors(b) if t in produced]
-    return slice_operators(graph, indices, inputs, outputs,
-                           f"defer: ops {a}..{b - 1} of {graph.n_ops}")
+def stage_operators(info: GraphInfo, a: int, b: int) -> list[int]:
+    """Flatbuffer operator indices of ops [a, b) and their constant ops, in file order."""
+    return sorted({op.source for op in [*info.ops[a:b], *info.attached_ops(a, b)]})
+
+
+def stage_bundle(info: GraphInfo, a: int, b: int, index: int) -> tuple[bytes, StageSpec]:
+    """The `.tflite` bytes of ops [a, b) of `info` (a TFLite model's analysis) and its spec
+    (`sha256` and `compute` filled in by the caller)."""
+    if not 0 <= a < b <= info.n_ops:
+        raise PlanError(f"cannot slice ops [{a}, {b}) of a model with {info.n_ops} ops")
+    spec = stage_spec(info, a, b, index, "tflite")
+    bundle = slice_operators(info.model, stage_operators(info, a, b),
+                             [t.name for t in spec.inputs], [t.name for t in spec.outputs],
+                             f"defer: ops {a}..{b - 1} of {info.n_ops} ({info.order} order)")
+    return bundle, spec
 
 
 def slice_operators(graph: TFLiteGraph, indices: Iterable[int], inputs: Sequence[int | str],
@@ -69,31 +75,6 @@ def slice_operators(graph: TFLiteGraph, indices: Iterable[int], inputs: Sequence
                                   buffer_map, opcode_map)]
     sliced.signatureDefs = [_signature(graph, inputs, outputs, tensor_map)]
     return bytes(flatbuffer_utils.convert_object_to_bytearray(sliced))
-
-
-def stage_bundle(graph: TFLiteGraph, a: int, b: int, index: int) -> tuple[bytes, StageSpec]:
-    """The bundle of ops [a, b) and its spec (its sha256 filled in, `compute` 0)."""
-    bundle = slice_model(graph, a, b)
-    produced, consumed = _produced_consumed(graph, graph.operator_indices(a, b))
-    receives, sends = graph.crossing_tensors(a), graph.crossing_tensors(b)
-    spec = StageSpec(
-        index=index, file=f"bundle_{index}.tflite", sha256=sha256_bytes(bundle),
-        inputs=[graph.tensors[t] for t in receives if t in consumed],
-        outputs=[graph.tensors[t] for t in sends if t in produced],
-        forward=[graph.tensors[t] for t in sends if t not in produced],
-        receives=[graph.names[t] for t in receives], n_ops=b - a, compute=0.0,
-        weight_bytes=graph.weight_bytes(a, b), bytes_in=graph.crossing_bytes(a),
-        bytes_out=graph.crossing_bytes(b), first_op=graph.ops[a].name,
-        last_op=graph.ops[b - 1].name, format="tflite")
-    return bundle, spec
-
-
-def _produced_consumed(graph: TFLiteGraph, indices: list[int]) -> tuple[set[int], set[int]]:
-    """The tensors some of these operators write, and those some of them read."""
-    operators = [graph.subgraph.operators[i] for i in indices]
-    produced = {t for op in operators for t in op.outputs if t >= 0}
-    consumed = {t for op in operators for t in reads(op)}
-    return produced, consumed
 
 
 def _buffer_map(graph: TFLiteGraph, used: list[int]) -> dict[int, int]:
