@@ -2,7 +2,8 @@
 
 Prints each scenario's table as it finishes, then writes all figures as JSON (and PNG plots
 when matplotlib is installed) to benchmarks/results/. Runs as root for the network scenario;
-without root or `ip netns` that scenario says it was skipped.
+without root or `ip netns` that scenario says it was skipped. `testbed` needs writable cgroups
+(the cpu controller) the same way; `hopcost` measures what a node spends beyond onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, network, overhead, partition
+from benchmarks import compute, hopcost, network, overhead, partition, testbed
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network")
+SCENARIOS = ("compute", "partition", "overhead", "network", "hopcost", "testbed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +59,8 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
     from defer.examples import example_onnx
 
     ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
-    loaded = load_model(example_onnx("resnet50"))
+    model_path = example_onnx("resnet50")
+    loaded = load_model(model_path)
     samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     results, tables = {}, []
     if "compute" in only:
@@ -80,6 +82,14 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
         ctx.log("scenario 4: network-limited (ip netns + tc tbf)")
         results["network"] = network.run(ctx, loaded, blind, samples)
         tables.append(network.render(results["network"]))
+    if "hopcost" in only:
+        ctx.log("scenario 6: CPU a node spends beyond onnxruntime (n=2, n=8)")
+        results["hopcost"] = hopcost.run(ctx, loaded, samples)
+        tables.append(hopcost.render(results["hopcost"]))
+    if "testbed" in only:
+        ctx.log("scenario 7: emulated edge testbed (cgroup-capped devices)")
+        results["testbed"] = testbed.run(ctx, loaded, samples, model_path)
+        tables.append(testbed.render(results["testbed"]))
     return results, tables
 
 
