@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, hopcost, network, overhead, partition, testbed
+from benchmarks import compute, gateway, hopcost, network, overhead, partition, testbed, trace
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network", "hopcost", "testbed")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace", "hopcost",
+             "testbed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(quick=args.quick, runs=args.runs or (1 if args.quick else 3),
                       work_dir=Path(tmp), count=args.count or (60 if args.quick else 200),
                       log=lambda line: print(line, flush=True))
-        results, tables = _run_all(ctx, args.only)
+        args.out.mkdir(parents=True, exist_ok=True)
+        results, tables = _run_all(ctx, args.only, args.out)
     elapsed = time.perf_counter() - started
     report = {"command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
               "quick": args.quick, "runs": ctx.runs, "count": ctx.count,
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
+def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]:
     from defer.compiler import compile_model, load_model
     from defer.compiler.load import sample_inputs
     from defer.examples import example_onnx
@@ -82,12 +84,20 @@ def _run_all(ctx: Context, only: list[str]) -> tuple[dict, list[str]]:
         ctx.log("scenario 4: network-limited (ip netns + tc tbf)")
         results["network"] = network.run(ctx, loaded, blind, samples)
         tables.append(network.render(results["network"]))
+    if "gateway" in only:
+        ctx.log("scenario 6: the gateway under load (16 clients, a chain killed, batching)")
+        results["gateway"] = gateway.run(ctx, loaded)
+        tables.append(gateway.render(results["gateway"]))
+    if "trace" in only:
+        ctx.log("scenario 7: tracing's cost, and a trace drawn")
+        results["trace"] = trace.run(ctx, loaded, samples, png=out / "trace.png")
+        tables.append(trace.render(results["trace"]))
     if "hopcost" in only:
-        ctx.log("scenario 6: CPU a node spends beyond onnxruntime (n=2, n=8)")
+        ctx.log("scenario 8: CPU a node spends beyond onnxruntime (n=2, n=8)")
         results["hopcost"] = hopcost.run(ctx, loaded, samples)
         tables.append(hopcost.render(results["hopcost"]))
     if "testbed" in only:
-        ctx.log("scenario 7: emulated edge testbed (cgroup-capped devices)")
+        ctx.log("scenario 9: emulated edge testbed (cgroup-capped devices)")
         results["testbed"] = testbed.run(ctx, loaded, samples, model_path)
         tables.append(testbed.render(results["testbed"]))
     return results, tables

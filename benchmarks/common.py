@@ -7,7 +7,7 @@ spread is reported as the median and the min..max over those runs.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ class Context:
     work_dir: Path
     count: int  # inferences per measured stream
     log: Any = print
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 def spread(values: list[float]) -> dict[str, float | int | list[float]]:
@@ -32,6 +31,17 @@ def fmt_spread(s: dict, digits: int = 2, unit: str = "") -> str:
     if s["n"] == 1:
         return f"{s['median']:.{digits}f}{unit}"
     return f"{s['median']:.{digits}f}{unit} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
+
+
+def write_result(path: Path, result: dict, text: str) -> int:
+    """A scenario's own command ends here: its figures as JSON at `path`, its table printed."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"all figures: {path}")
+    return 0
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

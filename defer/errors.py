@@ -69,3 +69,7 @@ class StartupError(DeferError):
     """A server could not start (port in use, bundle will not load)."""
 
     exit_code = 3
+
+
+class StateError(DeferError):
+    """An event that the failover state machine does not allow in its current state (a bug)."""

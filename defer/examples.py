@@ -1,9 +1,11 @@
-# Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
-# Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
-# (`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
-# seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
-# absence raises MissingDependencyError. Nothing is downloaded (weights=None).
-"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`."""
+"""Example models: `build(name, path)`, a cache (`example_model`) and a trained `digits_cnn`.
+
+Seeded, random-weight Keras example models for the compiler, the tests and the benchmarks.
+Contract: every model ends in logits (no softmax); every Keras Input has an explicit name
+(`input`, or `image`/`vector` for multi_io) so ONNX input names are stable; the same name and
+seed give the same weights. TensorFlow/Keras are imported lazily, inside functions, and their
+absence raises MissingDependencyError. Nothing is downloaded (weights=None).
+"""
 
 from __future__ import annotations
 
@@ -70,6 +72,28 @@ def mobilenetv2(seed: int = 0) -> Any:
         weights=None, input_tensor=image, classifier_activation=None
     )
     return _calibrate_batchnorm(model, seed)
+
+
+def inceptionv3(seed: int = 0) -> Any:
+    """keras.applications.InceptionV3, random weights, 299x299x3 -> 1000 logits (branchy:
+    four to six parallel branches per block, so the op order matters)."""
+    keras = _seeded_keras(seed)
+    image = keras.Input((299, 299, 3), name="input")
+    model = keras.applications.InceptionV3(
+        weights=None, input_tensor=image, classifier_activation=None
+    )
+    return _calibrate_batchnorm(model, seed, batch=2)
+
+
+def densenet121(seed: int = 0) -> Any:
+    """keras.applications.DenseNet121, random weights, 224x224x3 -> 1000 logits (dense
+    blocks: every layer reads all earlier feature maps of its block)."""
+    keras = _seeded_keras(seed)
+    image = keras.Input((224, 224, 3), name="input")
+    model = keras.applications.DenseNet121(
+        weights=None, input_tensor=image, classifier_activation=None
+    )
+    return _calibrate_batchnorm(model, seed, batch=2)
 
 
 def _calibrate_batchnorm(model: Any, seed: int, batch: int = 4) -> Any:
@@ -212,6 +236,8 @@ def wide_skip(seed: int = 0) -> Any:
 EXAMPLES: dict[str, Callable[..., Any]] = {
     "resnet50": resnet50,
     "mobilenetv2": mobilenetv2,
+    "inceptionv3": inceptionv3,
+    "densenet121": densenet121,
     "tiny_cnn": tiny_cnn,
     "densenet_tiny": densenet_tiny,
     "multi_io": multi_io,
@@ -272,13 +298,14 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 
 @contextlib.contextmanager
 def _cache_lock(path: Path):
-    """Hold an exclusive lock beside `path` so concurrent processes build it only once."""
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold an exclusive lock on the cache folder (no lock file left behind) so concurrent
+    processes build each file only once."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:

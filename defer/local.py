@@ -1,10 +1,16 @@
-# A local cluster on loopback (`defer run`): start N `defer serve` processes (port 0, each pinned
-# to a core, one onnxruntime thread), wait for their ready lines (never a fixed sleep), dispatch,
-# and compare with one onnxruntime session of the whole model: fidelity and throughput side by
-# side. Every process is stopped on exit, error or Ctrl-C: SHUTDOWN, then terminate, then kill.
+"""The one-machine harness (`defer run`, tests, benchmarks): it compiles AND runs, so it sits
+above both the compiler and the runtime.
+
+Start N `defer serve` processes on loopback (port 0, each pinned to a core, one engine thread),
+wait for their ready lines (never a fixed sleep), dispatch, and compare with one process running
+the whole model: fidelity and throughput side by side. Every process is stopped on exit, error
+or Ctrl-C: SHUTDOWN, then terminate, then kill. `start_gateway` starts `defer gateway` the
+same way (its ready line names its ports).
+"""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import selectors
@@ -12,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +36,10 @@ from defer.tensors import Sample, random_inputs
 log = logging.getLogger(__name__)
 
 @dataclass
-class NodeProcess:
-    """A running `defer serve` subprocess and the address it listens on."""
+class Process:
+    """A started defer subprocess (`defer serve`, `defer gateway`) and its log (stderr)."""
 
     process: subprocess.Popen
-    address: str
     log_path: Path
 
     def log_tail(self, lines: int = 20) -> str:
@@ -42,13 +48,59 @@ class NodeProcess:
         except OSError:
             return ""
 
+    def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM (a defer process drains and exits 0), SIGKILL after `grace` s; exit code."""
+        stop_processes([self], grace=grace)
+        return self.process.returncode
+
+
+@dataclass
+class NodeProcess(Process):
+    """A running `defer serve` and the address it listens on."""
+
+    address: str = ""
+    http_address: str | None = None  # with http_port: where /health and /metrics answer
+
+
+@dataclass
+class GatewayProcess(Process):
+    """A running `defer gateway` and the addresses it serves."""
+
+    addresses: dict[str, str] = field(default_factory=dict)  # http, grpc, metrics -> host:port
+
+    @property
+    def http(self) -> str:
+        return self.addresses["http"]
+
+    @property
+    def grpc(self) -> str:
+        return self.addresses["grpc"]
+
+    @property
+    def metrics(self) -> str:
+        return self.addresses["metrics"]
+
+
+def _spawn(args: list[str], log_path: str | Path | None, prefix: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start `args` with stdout piped (for its ready line) and stderr to `log_path` (a temp
+    file by default)."""
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log")
+        os.close(fd)
+        log_path = name
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
+                                   stdin=subprocess.DEVNULL, env=env)
+    return process, Path(log_path)
+
 
 def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
                cpu: int | None = None, threads: int = 1, log_path: str | Path | None = None,
                timeout: float = 60.0, command_prefix: tuple[str, ...] = (),
                token: str | None = None, tls_cert: str | Path | None = None,
                tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
-               heartbeat: float | None = None) -> NodeProcess:
+               heartbeat: float | None = None, http_port: int | None = None) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
     `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
@@ -56,37 +108,61 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
     log's tail, if it exits or stays silent for `timeout` seconds. The token reaches the child
     in DEFER_TOKEN, never on its command line (which `ps` shows).
     """
-    if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="defer-node-", suffix=".log")
-        os.close(fd)
-        log_path = name
-    log_path = Path(log_path)
     args = [*command_prefix, sys.executable, "-m", "defer", "serve", "--host", host, "--port", str(port),
             "--threads", str(threads)]
     if cpu is not None:
         args += ["--cpu", str(cpu)]
     for option, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
-                          ("--tls-ca", tls_ca), ("--heartbeat", heartbeat)):
+                          ("--tls-ca", tls_ca), ("--heartbeat", heartbeat),
+                          ("--http-port", http_port)):
         if value is not None:
             args += [option, str(value)]
     if bundle is not None:
         args.append(str(bundle))
-    env = {k: v for k, v in os.environ.items() if k != "DEFER_TOKEN"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEFER_TOKEN", "DEFER_TOKEN_FILE", "DEFER_HTTP_PORT")}
     if token is not None:
         env["DEFER_TOKEN"] = token
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log_file,
-                                   stdin=subprocess.DEVNULL, env=env)
-    node = NodeProcess(process, "", log_path)
+    node = NodeProcess(*_spawn(args, log_path, "defer-node-", env))
     try:
-        node.address = _wait_ready(process, timeout)
+        line = _ready_line(node, timeout, "node")
+        if not line.startswith(READY_PREFIX):
+            raise StartupError(f"node (pid {node.process.pid}) printed {line!r}, not a ready "
+                               "line")
+        # "HOST:PORT" or "HOST:PORT http HOST:PORT"
+        node.address, _, http = line[len(READY_PREFIX):].strip().partition(" http ")
+        node.http_address = http or None
     except BaseException:
         stop_processes([node])
         raise
     return node
 
 
-def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
+def start_gateway(manifest: str | Path, chains: list[list[str]], *, args: tuple[str, ...] = (),
+                  log_path: str | Path | None = None, timeout: float = 60.0) -> GatewayProcess:
+    """`python -m defer gateway` over `chains` on free ports (override with `args`); returns
+    once it printed its ready line. StartupError, with the log's tail, otherwise."""
+    from defer.serving.ready import parse_ready_line
+
+    command = [sys.executable, "-m", "defer", "gateway", "--manifest", str(manifest),
+               "--nodes", ",".join(chains[0])]
+    for chain in chains[1:]:
+        command += ["--chain", ",".join(chain)]
+    command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *args]
+    gateway = GatewayProcess(*_spawn(command, log_path, "defer-gateway-"))
+    try:
+        gateway.addresses = parse_ready_line(_ready_line(gateway, timeout, "gateway"))
+    except BaseException as err:
+        gateway.stop(grace=5.0)
+        if isinstance(err, StartupError):
+            raise StartupError(f"{err}\n{gateway.log_tail()}") from None
+        raise
+    return gateway
+
+
+def _ready_line(started: Process, timeout: float, what: str) -> str:
+    """The first line `started` prints on stdout: a defer process's ready line (never a sleep)."""
+    process = started.process
     deadline = time.monotonic() + timeout
     buffer = b""
     with selectors.DefaultSelector() as selector:
@@ -94,39 +170,38 @@ def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
         while b"\n" not in buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StartupError(f"node (pid {process.pid}) printed no ready line within "
+                raise StartupError(f"{what} (pid {process.pid}) printed no ready line within "
                                    f"{timeout:g} s")
             if not selector.select(left):
                 continue
             chunk = os.read(process.stdout.fileno(), 4096)
             if not chunk:
-                raise StartupError(f"node (pid {process.pid}) exited with code "
-                                   f"{process.wait()} before it was ready")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
+                raise StartupError(f"{what} (pid {process.pid}) exited with code "
+                                   f"{process.returncode} before it was ready")
             buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
-    if not line.startswith(READY_PREFIX):
-        raise StartupError(f"node (pid {process.pid}) printed {line!r}, not a ready line")
-    return line[len(READY_PREFIX):].strip()
+    return buffer.split(b"\n", 1)[0].decode(errors="replace")
 
 
-def stop_processes(nodes: list[NodeProcess], wait: float = 0.0) -> None:
-    """Stop node processes: give them `wait` s to exit on their own (after SHUTDOWN), then
-    SIGTERM (they drain and exit 0) for up to 10 s, then SIGKILL. No process outlives this."""
-    for step, grace in (("exit", wait), ("terminate", 10.0), ("kill", 5.0)):
-        deadline = time.monotonic() + grace
-        for node in nodes:
-            if node.process.poll() is not None:
+def stop_processes(started: list[Process], wait: float = 0.0, grace: float = 10.0) -> None:
+    """Stop defer processes: give them `wait` s to exit on their own (after SHUTDOWN), then
+    SIGTERM (they drain and exit 0) for up to `grace` s, then SIGKILL. None outlives this."""
+    for step, seconds in (("exit", wait), ("terminate", grace), ("kill", 5.0)):
+        deadline = time.monotonic() + seconds
+        for item in started:
+            if item.process.poll() is not None:
                 continue
             if step == "terminate":
-                node.process.terminate()
+                item.process.terminate()
             elif step == "kill":
-                log.warning("node pid %d ignored SIGTERM; killing it", node.process.pid)
-                node.process.kill()
+                log.warning("pid %d ignored SIGTERM; killing it", item.process.pid)
+                item.process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                node.process.wait(max(0.0, deadline - time.monotonic()))
-    for node in nodes:
-        if node.process.stdout is not None:
-            node.process.stdout.close()
+                item.process.wait(max(0.0, deadline - time.monotonic()))
+    for item in started:
+        if item.process.stdout is not None:
+            item.process.stdout.close()
 
 
 @dataclass
@@ -170,8 +245,40 @@ class LocalCluster:
         stop_processes(self.nodes, wait=10.0 if dispatcher else 0.0)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How `defer run` runs: `n_stages` None = one node per core this process may use."""
+
+    n_stages: int | None = None
+    count: int = 100
+    codec: str | None = None
+    inflight: int | None = None
+    timeout: float = 60.0
+    seed: int = 0
+    out_dir: Path | None = None
+    profile: bool = True
+    warmup: int = 5
+
+    def checked(self) -> RunOptions:
+        if self.count < 1:
+            raise UsageError(f"--count {self.count}: need at least 1")
+        if self.n_stages is not None and self.n_stages < 1:
+            raise UsageError(f"-n {self.n_stages}: need at least one stage")
+        if self.codec is not None:
+            parse_codec(self.codec)
+        return self
+
+
+def default_stages() -> tuple[int, str]:
+    """One node per core this process may use (more would share cores and mislead), and why."""
+    cores = len(os.sched_getaffinity(0))
+    return cores, (f"-n {cores}: one node per core this process may use ({cores}); more nodes "
+                   "than cores would share them; pass -n to choose")
+
+
 def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
-                  profile: bool = True) -> tuple[Manifest, Any]:
+                  profile: bool = True, on_plan: Callable[[str], None] | None = None,
+                  ) -> tuple[Manifest, Any]:
     """(manifest, whole ONNX model or None) for a model file, a bundle dir or the example."""
     if model is None:
         from defer.examples import example_onnx
@@ -188,8 +295,12 @@ def resolve_model(model: str | Path | None, n_stages: int | None, out_dir: Path,
         raise UsageError(f"{path}: no such model file or bundle directory")
     from defer.compiler import compile_model, load_model
 
+    if n_stages is None:
+        n_stages, why = default_stages()
+        if on_plan is not None:
+            on_plan(f"defer run: {why}")
     loaded = load_model(path)
-    compile_model(loaded, n_stages or 4, out_dir, profile=profile)
+    compile_model(loaded, n_stages, out_dir, profile=profile)
     return load_manifest(out_dir), loaded.model
 
 
@@ -204,21 +315,22 @@ def _find_whole_model(manifest: Manifest) -> Any:
     return None
 
 
-def run_local(model: str | Path | None = None, n_stages: int | None = None, count: int = 100,
-              codec: str | None = None, inflight: int | None = None, timeout: float = 60.0,
-              seed: int = 0, out_dir: str | Path | None = None, profile: bool = True,
-              warmup: int = 5) -> dict[str, Any]:
-    """Compile (if needed), run a local chain, compare with one process; return the report."""
-    if codec is not None:
-        parse_codec(codec)
+def run_local(model: str | Path | None = None, options: RunOptions | None = None,
+              on_plan: Callable[[str], None] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Compile (if needed), run a local chain, compare with one process; return the report.
+
+    Options are `RunOptions` fields, as `options=` or keywords; `on_plan` hears one line on
+    how the stage count was chosen."""
+    opts = dataclasses.replace(options or RunOptions(), **overrides).checked()
+    warmup = opts.warmup
     with tempfile.TemporaryDirectory(prefix="defer-run-") as tmp:
-        bundles = Path(out_dir) if out_dir else Path(tmp) / "bundles"
-        manifest, whole = resolve_model(model, n_stages, bundles, profile=profile)
-        samples = random_inputs(manifest.inputs, count + warmup, seed)
+        bundles = Path(opts.out_dir) if opts.out_dir else Path(tmp) / "bundles"
+        manifest, whole = resolve_model(model, opts.n_stages, bundles, opts.profile, on_plan)
+        samples = random_inputs(manifest.inputs, opts.count + warmup, opts.seed)
         single = single_process(manifest, whole, samples, warmup)
         with LocalCluster(manifest, log_dir=Path(tmp)) as cluster:
-            dispatcher = Dispatcher(manifest, cluster.addresses, codec=codec, inflight=inflight,
-                                    timeout=timeout)
+            dispatcher = Dispatcher(manifest, cluster.addresses, codec=opts.codec,
+                                    inflight=opts.inflight, timeout=opts.timeout)
             try:
                 list(dispatcher.map(samples[:warmup]))
                 dispatcher.reset_stats()
@@ -231,7 +343,7 @@ def run_local(model: str | Path | None = None, n_stages: int | None = None, coun
     hop_codecs = dispatcher.hop_codecs
     return {
         "model": manifest.model.get("name", ""), "n_stages": len(manifest.stages),
-        "count": count, "codecs": hop_codecs, "chain": chain, "single": single,
+        "count": opts.count, "codecs": hop_codecs, "chain": chain, "single": single,
         "speedup": chain["throughput"] / single["throughput"] if single["throughput"] else 0.0,
         "fidelity": {"max_abs": worst_abs, "max_rel": worst_rel,
                      "codec_bound_per_hop": max(max_abs_error(c) for c in hop_codecs)},

@@ -9,7 +9,9 @@ A stage *receives* the crossing set of the cut before it (stage 0: the model inp
 tensors its bundle consumes (`inputs`) to its engine, and *sends* its bundle `outputs` plus
 `forward` (received tensors still needed downstream, passed through untouched) to the next hop.
 The last stage sends the model outputs back to the dispatcher. `format` says which engine runs
-the bundle (`onnx` or `tflite`). `codec` is the activation codec of every hop.
+the bundle (`onnx` or `tflite`). `codec` is the activation codec of every hop. A bundle too big
+for one protobuf (2 GB) keeps its weights in `data_file` beside it, hashed as `data_sha256`
+(both empty for a self-contained bundle; optional fields, added within schema 2).
 
 Changes from schema 1: `n_nodes`/`first_node`/`last_node` became `n_ops`/`first_op`/`last_op`
 (stage and model); `codec` is one spec string (the per-hop override nothing wrote is gone);
@@ -33,7 +35,7 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "Manifest", "StageSpec", "TensorSpec",
-           "load_manifest", "sha256_bytes"]
+           "load_manifest", "sha256_bytes", "sha256_file"]
 
 
 @dataclass
@@ -53,6 +55,8 @@ class StageSpec:
     first_op: str = ""
     last_op: str = ""
     format: str = "onnx"
+    data_file: str = ""  # external weights beside a bundle over 2 GB ("" = self-contained)
+    data_sha256: str = ""
 
     @property
     def sends(self) -> list[str]:
@@ -156,6 +160,15 @@ def load_manifest(path: str | Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{p}: not valid JSON ({err}); recompile with `defer compile`") from err
     return Manifest.from_dict(data, path=p)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file, read in chunks (bundles and their external data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:

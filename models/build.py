@@ -1,6 +1,8 @@
-# Build the seeded example models (defer.examples) to files: a thin shell over examples.build.
-# Writes .h5/.keras files only where told; nothing built here is committed (*.h5 is gitignored).
-"""python models/build.py NAME [-o PATH] [--seed S]   |   python models/build.py --all [-o DIR]"""
+"""python models/build.py NAME [-o PATH] [--seed S]   |   python models/build.py --all [-o DIR]
+
+Build the seeded example models (defer.examples) to files: a thin shell over examples.build.
+Writes .h5/.keras files only where told; nothing built here is committed (*.h5 is gitignored).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-# Shared helpers for the runtime tests: tiny ONNX models built with onnx.helper, compiled with
-# profile=False, and an in-process reference run. Node processes are started with
-# defer.local.start_node, which waits on the ready line (never a sleep).
+"""Shared helpers for the runtime tests: tiny ONNX models built with onnx.helper, compiled with
+profile=False, and an in-process reference run. Node processes are started with
+defer.local.start_node, which waits on the ready line (never a sleep).
+"""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,10 @@
-# Authentication and TLS against real node processes: a node with a token refuses every message
-# type from a client that has no token, the wrong one, or a proof replayed from another
-# connection, and acts on none of them; the dispatcher and the node each refuse a peer that
-# cannot prove the token. With TLS on, a plain client is refused and a verified one is served
-# through a TLS data hop. Certificates are generated at test time (cryptography, else openssl).
+"""Authentication and TLS against real node processes: a node with a token refuses every message
+type from a client that has no token, the wrong one, or a proof replayed from another
+connection, and acts on none of them; the dispatcher and the node each refuse a peer that
+cannot prove the token. With TLS on, a plain client is refused and a verified one is served
+through a TLS data hop. Certificates are generated at test time (cryptography, else openssl).
+"""
+
 from __future__ import annotations
 
 import datetime
@@ -220,6 +222,17 @@ def test_cli_reads_the_token_from_the_environment(one_stage, guarded):
     assert "DEFER_TOKEN" in help_text and "--tls-cert" in help_text
 
 
+def test_cli_reads_the_token_from_a_file(one_stage, guarded, tmp_path):
+    _, manifest = one_stage
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    args = ["dispatch", "--manifest", str(manifest.path), "--nodes", guarded.address,
+            "--count", "3", "--token-file", str(tmp_path / "token")]
+    ok = CliRunner().invoke(main, args, env={"DEFER_TOKEN": ""})
+    assert ok.exit_code == 0, ok.output
+    both = CliRunner().invoke(main, [*args, "--token", TOKEN])
+    assert both.exit_code == 2 and "not both" in both.output
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 def _self_signed(directory) -> tuple:
@@ -301,3 +314,19 @@ def test_a_tls_client_refuses_a_plain_node(one_stage, tls_chain, guarded):
     cert = tls_chain[3]
     with pytest.raises(NodeError, match="TLS handshake failed"):
         Dispatcher(manifest, [guarded.address], token=TOKEN, tls_ca=cert, timeout=10)
+
+
+def test_token_file_is_read_and_clashes_are_refused(tmp_path):
+    from defer.cli.common import resolve_token
+    from defer.errors import UsageError
+
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    assert resolve_token(None, path) == "s3cret" and resolve_token("t", None) == "t"
+    with pytest.raises(UsageError, match="not both"):
+        resolve_token("t", path)
+    path.write_text("")
+    with pytest.raises(UsageError, match="is empty"):
+        resolve_token(None, path)
+    with pytest.raises(UsageError, match="cannot read"):
+        resolve_token(None, tmp_path / "missing")

@@ -1,6 +1,8 @@
-# The local cluster (`defer run`): real node processes pinned per core, readiness by ready
-# line, a report comparing chain and single process, and no process left behind on success or
-# error. Plus the lossy-codec check on a trained model (digits CNN): zfp:1e-2 keeps >= 99% top-1.
+"""The local cluster (`defer run`): real node processes pinned per core, readiness by ready line,
+a report comparing chain and single process, and no process left behind on success or error.
+Plus the lossy-codec check on a trained model (digits CNN): zfp:1e-2 keeps >= 99% top-1.
+"""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +50,7 @@ def test_run_compiles_a_model_file_and_prints_the_report(tmp_path):
 
 def test_run_help_shows_defaults():
     result = CliRunner().invoke(main, ["run", "--help"])
-    assert result.exit_code == 0 and "default: 100" in result.output and "-n, --nodes" in result.output
+    assert result.exit_code == 0 and "default: 100" in result.output and "-n, --stages" in result.output
 
 
 def test_no_process_outlives_an_error(bundles):
@@ -71,13 +73,10 @@ def test_shutdown_then_wait_exits_zero(bundles):
 
 
 @pytest.mark.keras
-def test_zfp_keeps_top1_on_the_trained_digits_cnn(tmp_path, record_property):
-    pytest.importorskip("tensorflow")
-    pytest.importorskip("sklearn")
+def test_zfp_keeps_top1_on_the_trained_digits_cnn(digits, tmp_path, record_property):
     from defer.compiler import compile_model
-    from defer.examples import digits_cnn
 
-    keras_path, x_test, _ = digits_cnn(tmp_path / "digits.h5")
+    keras_path, x_test, _ = digits
     manifest = compile_model(keras_path, 3, tmp_path / "bundles", profile=False)
     (spec,) = manifest.inputs
     samples = [x[None].astype(np.float32) for x in x_test]

@@ -1,6 +1,8 @@
-# Codecs: every spec round-trips every dtype and shape (lossless ones bit-exact, zfp:<tol>
-# within tol), fall-backs are recorded on the wire, specs are validated, bad payloads raise
-# CodecError, and codec output survives the protocol.
+"""Codecs: every spec round-trips every dtype and shape (lossless ones bit-exact, zfp:<tol> within
+tol), fall-backs are recorded on the wire, specs are validated, bad payloads raise CodecError,
+and codec output survives the protocol.
+"""
+
 from __future__ import annotations
 
 import numpy as np

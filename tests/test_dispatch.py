@@ -1,7 +1,9 @@
-# The dispatcher against three real `defer serve` processes on loopback: 200 requests through
-# `defer dispatch` match the whole model bit for bit (lossless codecs) or within the bound the
-# tolerance implies (zfp:<tol>), in input order; the window holds under a slow consumer; a wrong
-# bundle, an absent node or a silent node fail fast with an error naming the node.
+"""The dispatcher against three real `defer serve` processes on loopback: 200 requests through
+`defer dispatch` match the whole model bit for bit (lossless codecs) or within the bound the
+tolerance implies (zfp:<tol>), in input order; the window holds under a slow consumer; a wrong
+bundle, an absent node or a silent node fail fast with an error naming the node.
+"""
+
 from __future__ import annotations
 
 import hashlib

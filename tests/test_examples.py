@@ -1,5 +1,7 @@
-# The example models: each small one builds, saves, converts with tf2onnx to the advertised ONNX
-# names and matches Keras in onnxruntime; digits_cnn is accurate. Big models are not built here.
+"""The example models: each small one builds, saves, converts with tf2onnx to the advertised ONNX
+names and matches Keras in onnxruntime; digits_cnn is accurate. Big models are not built here.
+"""
+
 from __future__ import annotations
 
 import sys
@@ -100,9 +102,8 @@ def test_example_model_builds_once_and_atomically(tf, tmp_path):
 
 
 @pytest.mark.keras
-def test_digits_cnn_is_accurate_in_onnxruntime(tf, tmp_path):
-    pytest.importorskip("sklearn")
-    path, x_test, y_test = examples.digits_cnn(tmp_path / "digits.h5", seed=0)
+def test_digits_cnn_is_accurate_in_onnxruntime(tf, digits):
+    path, x_test, y_test = digits
     assert x_test.shape[1:] == (8, 8, 1) and x_test.dtype == np.float32
     assert x_test.min() >= 0.0 and x_test.max() <= 1.0
     model = _load(path)

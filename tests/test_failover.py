@@ -1,7 +1,9 @@
-# Failure detection and failover with replay, with real node processes on loopback: a 4-node
-# chain loses its middle node (kill -9, or SIGSTOP = hung) mid-stream; with a spare every result
-# still arrives once, equal to the whole model; without one every pending request fails within
-# 5 s naming the node, and the same dispatcher goes on once the node is back.
+"""Failure detection and failover with replay, with real node processes on loopback: a 4-node
+chain loses its middle node (kill -9, or SIGSTOP = hung) mid-stream; with a spare every result
+still arrives once, equal to the whole model; without one every pending request fails within 5
+s naming the node, and the same dispatcher goes on once the node is back.
+"""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -57,8 +59,8 @@ def _check_exactly_once(dispatcher, got, want):
     assert len(got) == len(want)
     for i, (out, ref) in enumerate(zip(got, want)):  # inputs are distinct: equal = in order
         assert np.array_equal(out, ref), f"result {i} differs from the reference"
-    assert dispatcher._completed == len(want)  # first results only: nothing answered twice
-    assert not dispatcher._pending
+    assert dispatcher.completed == len(want)  # first results only: nothing answered twice
+    assert dispatcher.pending == 0
 
 
 def test_kill_9_of_the_middle_node_loses_nothing_with_a_spare(four, chain, record_property):

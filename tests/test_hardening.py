@@ -1,8 +1,10 @@
-# Protocol hardening against a live node process: 10,000+ malformed or mutated frames, sent
-# before authentication, after it on a data connection, and after it on a control connection
-# (behind a valid CONFIGURE, so mutated INFERs reach the compute path). The node must never die
-# or hit an internal error, and a well-behaved dispatcher is served correctly afterwards.
-# Plus what a node checks in what it is sent: tensors against its bundle, a pushed bundle's hash.
+"""Protocol hardening against a live node process: 10,000+ malformed or mutated frames, sent
+before authentication, after it on a data connection, and after it on a control connection
+(behind a valid CONFIGURE, so mutated INFERs reach the compute path). The node must never die
+or hit an internal error, and a well-behaved dispatcher is served correctly afterwards. Plus
+what a node checks in what it is sent: tensors against its bundle, a pushed bundle's hash.
+"""
+
 from __future__ import annotations
 
 import asyncio
@@ -135,6 +137,7 @@ async def _fuzz(address: str, frames: list[tuple[str, bytes]], configure: bytes)
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
 
 
+@pytest.mark.slow
 def test_ten_thousand_bad_frames_do_not_kill_the_node(one_stage, record_property):
     model, manifest = one_stage
     node = start_node(manifest.bundle_path(0), token=TOKEN)

@@ -1,7 +1,9 @@
-# The node (`defer serve`): real processes on loopback, port 0, readiness by the ready line.
-# A malformed frame or a wrong protocol version closes that connection only; SIGINT/SIGTERM
-# drain and exit 0; an empty node takes a pushed bundle; STATS counts what it did; startup
-# failures have their own exit codes.
+"""The node (`defer serve`): real processes on loopback, port 0, readiness by the ready line. A
+malformed frame or a wrong protocol version closes that connection only; SIGINT/SIGTERM drain
+and exit 0; an empty node takes a pushed bundle; STATS counts what it did; startup failures
+have their own exit codes.
+"""
+
 from __future__ import annotations
 
 import signal
@@ -175,3 +177,71 @@ def test_unreadable_bundle_is_a_startup_failure(tmp_path):
     bad.write_bytes(b"not onnx")
     result = CliRunner().invoke(main, ["serve", "--port", "0", str(bad)])
     assert result.exit_code == 3 and "cannot load the bundle" in result.output
+
+
+def test_an_ipv6_chain_serves_and_names_nodes_with_brackets(tmp_path):
+    model = residual_mlp()
+    manifest = compile_tiny(model, tmp_path, n_stages=2)
+    nodes = []
+    try:
+        nodes = [start_node(manifest.bundle_path(i), host="::1") for i in range(2)]
+        assert all(n.address.startswith("[::1]:") for n in nodes)
+        x = np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)
+        with Dispatcher(manifest, [n.address for n in nodes], timeout=20) as dispatcher:
+            got = dispatcher.infer(x)["y"]
+        assert np.array_equal(got, reference(model, [{"x": x}])[0]["y"])
+    finally:
+        stop_processes(nodes)
+
+
+def test_http_health_and_prometheus_metrics(one_stage):
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, manifest = one_stage
+    node = start_node(http_port=0)  # empty: not ready until the dispatcher pushes a bundle
+    try:
+        base = f"http://{node.http_address}"
+        assert urllib.request.urlopen(f"{base}/health/live", timeout=5).status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/health/ready", timeout=5)
+        assert err.value.code == 503
+        with Dispatcher(manifest, [node.address], timeout=10) as dispatcher:
+            list(dispatcher.map(_samples(7)))
+            ready = urllib.request.urlopen(f"{base}/health/ready", timeout=5)
+            assert ready.status == 200
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        (requests,) = families["defer_stage_requests"].samples
+        assert requests.value == 7 and requests.labels == {"stage": "0"}
+        buckets = [s for s in families["defer_stage_compute_seconds"].samples
+                   if s.name.endswith("_bucket")]
+        assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 7
+        assert {s.labels["direction"] for s in families["defer_hop_bytes"].samples} == {"in",
+                                                                                       "out"}
+        assert families["defer_node_ready"].samples[0].value == 1
+    finally:
+        stop_processes([node])
+
+
+def test_hello_carries_the_node_facts_and_a_clock(node):
+    import asyncio
+
+    from defer.runtime.channel import Channel
+
+    async def hello():
+        chan = await Channel.connect(node.address, 5.0)
+        try:
+            reply = await chan.handshake("dispatcher", None, 5.0)
+        finally:
+            await chan.close()
+        return reply, chan
+
+    reply, chan = asyncio.run(hello())
+    facts = chan.peer_info
+    assert facts["cores"] >= 1 and facts["engine"] == "onnx" and "onnx" in facts["engines"]
+    assert facts["memory_available"] > 0 and facts["defer"]
+    assert abs(chan.clock_offset) < 0.5  # same machine: the clocks agree; the estimate is near 0
+    assert reply.bundle_sha256 is not None

@@ -1,6 +1,8 @@
-# The wire protocol, h11 style: one table of messages shared by encoder and decoder tests; each
-# round-trips fed whole, byte by byte and with trailing bytes; random and mutated bytes give
-# ProtocolError and nothing else; a clean EOF is not an error, a truncated frame is.
+"""The wire protocol, h11 style: one table of messages shared by encoder and decoder tests; each
+round-trips fed whole, byte by byte and with trailing bytes; random and mutated bytes give
+ProtocolError and nothing else; a clean EOF is not an error, a truncated frame is.
+"""
+
 from __future__ import annotations
 
 import json
@@ -40,6 +42,13 @@ CASES: list[p.Message] = [
     p.Ping(request_id=11),
     p.Pong(request_id=11),
     p.Shutdown(drain=False),
+    p.Configure(stage=0, n_stages=2, next_hop="[::1]:7001", trace=True),
+    p.Infer(request_id=8, tensors=(_tensor("h", np.ones((1, 4), np.float32)),),
+            spans=(p.Span(0, 1.7e9, 1.7e9 + 0.001, 1.7e9 + 0.002, 1.7e9 + 0.04, 1.7e9 + 0.041,
+                          0.0001, 0.037, 0.0009),)),
+    p.Result(request_id=8, spans=tuple(p.Span(k, 5.0 + k, 5.1 + k, 5.2 + k, 5.3 + k, 5.4 + k,
+                                              0.0, 0.1, 0.0) for k in range(3))),
+    p.Result(request_id=9, spans=()),
 ]
 IDS = [f"{i}-{type(m).__name__}" for i, m in enumerate(CASES)]
 
@@ -182,31 +191,41 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
                       "bundle_sha256": None, "challenge": None, "response": None,
                       "heartbeat_ms": 0}, "s": []}), "characters"),
     (_frame(3, {"f": {"stage": 3, "n_stages": 3, "next_hop": "dispatcher", "codec": "raw",
-                      "receives": [], "forward": [], "outputs": []}, "s": []}), "out of range"),
+                      "receives": [], "forward": [], "outputs": [], "trace": False}, "s": []}), "out of range"),
     (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "nowhere", "codec": "raw",
-                      "receives": [], "forward": [], "outputs": []}, "s": []}), "host:port"),
+                      "receives": [], "forward": [], "outputs": [], "trace": False}, "s": []}), "host:port"),
     (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "h:1", "codec": "raw",
-                      "receives": ["a", "a"], "forward": [], "outputs": []}, "s": []}),
+                      "receives": ["a", "a"], "forward": [], "outputs": [], "trace": False}, "s": []}),
      "twice"),
     (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "h:1", "codec": "",
-                      "receives": [], "forward": [], "outputs": []}, "s": []}), "characters"),
+                      "receives": [], "forward": [], "outputs": [], "trace": False}, "s": []}), "characters"),
+    (_frame(3, {"f": {"stage": 0, "n_stages": 3, "next_hop": "h:1", "codec": "raw",
+                      "receives": [], "forward": [], "outputs": [], "trace": 1}, "s": []}),
+     "true or false"),
     (_frame(11, {"f": {"drain": 1}, "s": []}), "true or false"),
+    (_frame(6, {"f": {"spans": {}}, "s": []}), "spans or null"),
+    (_frame(6, {"f": {"spans": [[0, 1, 2, 3, 4, 5, 6, 7]]}, "s": []}), "list of 9"),
+    (_frame(6, {"f": {"spans": [[-1, 1, 2, 3, 4, 5, 6, 7, 8]]}, "s": []}), "non-negative"),
+    (_frame(6, {"f": {"spans": [[0, 1, 2, 3, 4, 5, 6, 7, "8"]]}, "s": []}), "seconds"),
+    (_frame(6, {"f": {"spans": [[0, 1, 2, 3, 4, 5, 6, 7, 1e300]]}, "s": []}), "seconds"),
+    (_frame(6, {"f": {"spans": [[0] * 9, 5]}, "s": []}), "list of 9"),
+    (_frame(6, {"f": {}, "s": []}), "lacks field 'spans'"),
     (_frame(11, [], n_seg=0), "object"),
     (_frame(11, None, raw_meta=b"\xff\xfe"), "UTF-8 JSON"),
     (_frame(11, None, raw_meta=b"[" * 5000 + b"]" * 5000), "UTF-8 JSON|object"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "object", "shape": [1], "codec": "raw",
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "object", "shape": [1], "codec": "raw",
                                "inner": 0, "size": 8}]}, bytes(8)), "dtype"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [-1],
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "float32", "shape": [-1],
                                "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "integer"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2**31] * 3,
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "float32", "shape": [2**31] * 3,
                                "codec": "raw", "inner": 0, "size": 8}]}, bytes(8)), "limit"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float64", "shape": [2**25, 2],
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "float64", "shape": [2**25, 2],
                                "codec": "zfp", "inner": 0, "size": 8}]}, bytes(8)),
      "tensor limit"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
                                "inner": 0, "size": 16}]}, bytes(8)), "overruns"),
-    (_frame(5, {"f": {}, "s": [{"size": 8}]}, bytes(16)), "lacks|match"),
-    (_frame(5, {"f": {}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
+    (_frame(5, {"f": {"spans": None}, "s": [{"size": 8}]}, bytes(16)), "lacks|match"),
+    (_frame(5, {"f": {"spans": None}, "s": [{"name": "x", "dtype": "float32", "shape": [2], "codec": "raw",
                                "inner": 0, "size": 8}] * 2}, bytes(16)), "duplicate"),
     (_frame(2, {"f": {"sha256": "00" * 32}, "s": []}), "exactly one"),
     (_frame(9, {"f": {}, "s": [{"size": 0}]}), "no payload"),

@@ -1,7 +1,9 @@
-# Soak: 5,000 requests through 4 real node processes after a warm-up. None lost, none
-# duplicated (every node computed exactly 5,000, the dispatcher took exactly 5,000 first
-# results, each equal to the whole model), and each node's RSS grows by less than 10% from
-# the end of the warm-up to the end of the run (psutil).
+"""Soak: 5,000 requests through 4 real node processes after a warm-up. None lost, none duplicated
+(every node computed exactly 5,000, the dispatcher took exactly 5,000 first results, each equal
+to the whole model), and each node's RSS grows by less than 10% from the end of the warm-up to
+the end of the run (psutil).
+"""
+
 from __future__ import annotations
 
 import time
@@ -27,6 +29,7 @@ def _rss(nodes) -> list[int]:
     return [psutil.Process(n.process.pid).memory_info().rss for n in nodes]
 
 
+@pytest.mark.slow
 def test_soak_5000_requests_none_lost_none_duplicated_memory_flat(four, record_property):
     model, manifest = four
     rng = np.random.default_rng(9)

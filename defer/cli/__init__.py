@@ -23,6 +23,8 @@ COMMANDS = {
     "serve": "defer.cli.runtime_cmd:serve",
     "dispatch": "defer.cli.runtime_cmd:dispatch",
     "run": "defer.cli.runtime_cmd:run",
+    "deploy": "defer.cli.deploy_cmd:deploy",
+    "gateway": "defer.cli.gateway_cmd:gateway",
 }
 
 
@@ -60,6 +62,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     defer serve [BUNDLE]               run one stage on this node
     defer dispatch --manifest M ...    stream inputs through a chain of nodes
     defer run                          everything on this machine, built-in example
+    defer deploy --manifest M ...      compose / Kubernetes / systemd files for a plan
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
+from defer import progress
 from defer.codecs import CODEC_HELP
 from defer.compiler.options import STRATEGIES, CompileOptions, parse_speeds
+from defer.compiler.order import ORDERS
 from defer.manifest import Manifest, load_manifest
 from defer.units import format_bytes, parse_bandwidth, parse_size
 
@@ -47,6 +49,10 @@ _DEFAULTS = CompileOptions()
 @click.option("--codec", default=_DEFAULTS.codec, show_default=True,
               help=f"Activation codec on every hop: {CODEC_HELP}. The plan prices its encoded "
                    "bytes and codec time, measured on a sample input.")
+@click.option("--order", type=click.Choice(ORDERS), default=_DEFAULTS.order, show_default=True,
+              help="Op order to cut along: auto = the candidate with the fewest bytes alive, "
+                   "file = as in the model file, depth = one branch at a time, greedy = free "
+                   "the most bytes first.")
 @click.option("--verify", is_flag=True, help="Run the stages in one process and compare with "
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
@@ -62,12 +68,15 @@ def compile_command(model: Path, out_dir: Path, verify: bool, tolerance: float, 
         bandwidth=parse_bandwidth(bandwidth) if bandwidth else None, latency=latency / 1e3,
         speeds=parse_speeds(speeds), memory=parse_size(memory) if memory else None,
         cuts=tuple(cuts), **fields).checked()  # every option checked before the slow load
-    loaded = load_model(model)
-    manifest = compile_model(loaded, out_dir=out_dir, options=options)
-    click.echo(render_plan(manifest))
-    if verify:
-        fidelity = verify_chain(manifest, loaded, batch=options.batch, tolerance=tolerance)
-        click.echo(f"verify: {fidelity} (tolerance {tolerance:g}) OK")
+    with progress.reporting(progress.TerminalReporter(prefix="compile: ")):
+        loaded = load_model(model)
+        manifest = compile_model(loaded, out_dir=out_dir, options=options)
+        click.echo(render_plan(manifest))
+        if verify:
+            with progress.phase("verify"):
+                fidelity = verify_chain(manifest, loaded, batch=options.batch,
+                                        tolerance=tolerance)
+            click.echo(f"verify: {fidelity} (tolerance {tolerance:g}) OK")
     click.echo(f"wrote {len(manifest.stages)} bundles and manifest.json to {out_dir} "
                f"in {time.perf_counter() - started:.1f} s")
 
@@ -75,11 +84,38 @@ def compile_command(model: Path, out_dir: Path, verify: bool, tolerance: float, 
 @click.command("inspect")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 def inspect_command(bundle_dir):
-    """Show the plan of a compiled model (a bundle folder or its manifest.json)."""
-    click.echo(render_plan(load_manifest(bundle_dir), crossing=True))
+    """Show the plan of a compiled model (a bundle folder or its manifest.json) and, per cut,
+    every tensor that crosses it; a crossing tensor that is not an activation is flagged."""
+    from defer.compiler.verify import constant_sends
+
+    manifest = load_manifest(bundle_dir)
+    click.echo(render_plan(manifest))
+    click.echo(render_cuts(manifest, constant_sends(manifest)))
 
 
-def render_plan(manifest: Manifest, crossing: bool = False) -> str:
+def render_cuts(manifest: Manifest, constants: list[set[str] | None]) -> str:
+    """Per cut (after each stage): name, dtype, shape and bytes of each tensor crossing it."""
+    batch = manifest.plan.get("batch", 1)
+    lines = []
+    for stage, constant in zip(manifest.stages, constants):
+        sent = [*stage.outputs, *stage.forward]
+        to = "dispatcher" if stage.index == len(manifest.stages) - 1 else \
+            f"stage {stage.index + 1}"
+        lines.append(f"cut after stage {stage.index} (-> {to}): {len(sent)} tensor(s), "
+                     f"{format_bytes(sum(t.nbytes(batch) for t in sent))}")
+        for t in sent:
+            kind = "?" if constant is None else (
+                "NOT AN ACTIVATION (computed from weights only)" if t.name in constant
+                else "activation")
+            lines.append(f"    {t.name:<40} {t.dtype:<8} {t.shape_text():<20} "
+                         f"{format_bytes(t.nbytes(batch)):>10}  {kind}")
+    flagged = sum(len(c) for c in constants if c)
+    lines.append(f"{flagged} crossing tensor(s) are not activations" if flagged
+                 else "only activations cross the cuts")
+    return "\n".join(lines)
+
+
+def render_plan(manifest: Manifest) -> str:
     plan = manifest.plan
     total = sum(s.compute for s in manifest.stages) or 1.0
     bw = plan.get("bandwidth")
@@ -91,7 +127,7 @@ def render_plan(manifest: Manifest, crossing: bool = False) -> str:
         f"{'sends':>10}  crossing tensors",
     ]
     for s in manifest.stages:
-        names = ", ".join(s.sends) if crossing else f"{len(s.sends)} tensor(s)"
+        names = f"{len(s.sends)} tensor(s)"
         lines.append(f"{s.index:>5} {s.n_ops:>5} {s.compute * 1e3:>8.2f} "
                      f"{s.compute / total:>6.1%} {format_bytes(s.weight_bytes):>10} "
                      f"{format_bytes(s.bytes_out):>10}  {names}")

@@ -1,25 +1,26 @@
-"""`defer serve`, `defer dispatch` and `defer run`: shells over defer.runtime."""
+"""`defer serve`, `defer dispatch` and `defer run`: shells over defer.runtime and defer.local.
+
+Each command builds one options object (`NodeConfig`, `DispatchOptions`, `RunOptions`) whose
+fields hold the defaults shown here, and hands it to the Python API, which validates it.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
+import resource
 import signal
 import sys
 from pathlib import Path
 
 import click
 
+from defer.cli.common import heartbeat_option, resolve_token, token_options
 from defer.codecs import CODEC_HELP
+from defer.local import RunOptions
+from defer.runtime.options import DispatchOptions, NodeConfig
 
-TOKEN_HELP = ("Shared secret: peers prove they hold it (HMAC challenge-response in HELLO; it "
-              "never crosses the wire). Prefer the DEFER_TOKEN variable: options show in `ps`.")
-HEARTBEAT_HELP = ("Seconds between heartbeats on an idle connection; a peer silent for 3 of "
-                  "its intervals is dead (0 = no heartbeats).")
-
-
-def _token_option(func):
-    return click.option("--token", envvar="DEFER_TOKEN", show_envvar=True, default=None,
-                        help=TOKEN_HELP + "  [default: none, no authentication]")(func)
+_NODE, _DISPATCH, _RUN = NodeConfig(), DispatchOptions(), RunOptions()
 
 
 def _file(**kwargs):
@@ -27,41 +28,41 @@ def _file(**kwargs):
 
 
 @click.command("serve")
-@click.argument("bundle", required=False, type=click.Path(exists=True, dir_okay=False,
-                                                          path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.argument("bundle", required=False, type=_file())
+@click.option("--host", default=_NODE.host, show_default=True,
               help="Address to bind (0.0.0.0 exposes the node to the network).")
-@click.option("--port", type=int, default=7000, show_default=True,
+@click.option("--port", type=int, default=_NODE.port, show_default=True,
               help="Port to listen on; 0 picks a free one (printed in the ready line).")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="onnxruntime intra-op threads.")
+@click.option("--threads", type=int, default=_NODE.threads, show_default=True,
+              help="Engine (onnxruntime/LiteRT) threads.")
 @click.option("--cpu", type=int, default=None,
               help="Pin this node to core K (os.sched_setaffinity).  [default: no pinning]")
-@_token_option
+@token_options
 @click.option("--tls-cert", type=_file(), default=None,
               help="Serve TLS with this certificate (PEM); needs --tls-key.  [default: no TLS]")
 @click.option("--tls-key", type=_file(), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--tls-ca", type=_file(), default=None,
               help="Connect to the next node with TLS, verifying it against this CA or "
                    "self-signed certificate (PEM).  [default: plain TCP]")
-@click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
-def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | None,
-          token: str | None, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
-          heartbeat: float) -> None:
+@heartbeat_option
+@click.option("--http-port", type=int, envvar="DEFER_HTTP_PORT", show_envvar=True, default=None,
+              help="Also serve GET /health/live, /health/ready (200 once a bundle is loaded) and "
+                   "/metrics (Prometheus) over HTTP on this port; 0 = any free one (printed in "
+                   "the ready line).  [default: off]")
+def serve(token: str | None, token_file: Path | None, **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
-    Once listening, prints one line to stdout: `defer node listening on HOST:PORT`.
+    Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
+    by ` http HOST:PORT` with --http-port).
     SIGINT/SIGTERM drain in-flight requests and exit 0.
     """
-    from defer.runtime.node import READY_PREFIX, NodeConfig, run_node
+    from defer.runtime.node import READY_PREFIX, run_node
 
-    def ready(bound_host: str, bound_port: int) -> None:
-        click.echo(f"{READY_PREFIX}{bound_host}:{bound_port}")
+    def ready(address: str, http: str | None) -> None:
+        click.echo(f"{READY_PREFIX}{address}" + (f" http {http}" if http else ""))
         sys.stdout.flush()
 
-    run_node(NodeConfig(host=host, port=port, bundle=bundle, threads=threads, cpu=cpu,
-                        token=token or None, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
-                        heartbeat=heartbeat), ready)
+    run_node(NodeConfig(token=resolve_token(token, token_file), **fields), ready)
 
 
 @click.command("dispatch")
@@ -69,11 +70,10 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
               type=click.Path(exists=True, path_type=Path),
               help="manifest.json, or the bundle folder holding it.")
 @click.option("--nodes", required=True, metavar="H:P,H:P,...",
-              help="Node addresses in stage order, comma-separated.")
-@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False,
-                                                       path_type=Path), default=None,
+              help="Node addresses in stage order, comma-separated ([v6]:port for IPv6).")
+@click.option("--input", "input_path", type=_file(), default=None,
               help="x.npy or x.npz (one array per input name); one input or a stack along a "
-                   "new first axis.  [default: seeded random inputs]")
+                   "new first axis, read one sample at a time.  [default: seeded random inputs]")
 @click.option("--count", type=int, default=None,
               help="Inferences to run; cycles through --input.  [default: the --input count, "
                    "else 100]")
@@ -82,90 +82,112 @@ def serve(bundle: Path | None, host: str, port: int, threads: int, cpu: int | No
 @click.option("--codec", default=None,
               help=f"Codec on every hop ({CODEC_HELP}).  [default: the manifest's]")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Save outputs to this .npz (one stacked array per output).")
+              default=None, help="Save outputs to this .npz (one stacked array per output), "
+                                 "written as they arrive.  [default: keep only statistics]")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the report as JSON here.")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--timeout", type=float, default=_DISPATCH.timeout, show_default=True,
               help="Seconds any wait may take before failing with a named node.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random inputs.")
 @click.option("--spares", default="", metavar="H:P,H:P,...",
               help="Idle nodes that take over a lost stage (bundle pushed, chain rewired, "
                    "in-flight requests replayed).  [default: none]")
-@_token_option
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write every request's receive, queue, compute and send on "
+                                 "every node and link as Chrome trace-event JSON here (open in "
+                                 "ui.perfetto.dev or chrome://tracing).  [default: no trace]")
+@token_options
 @click.option("--tls-ca", type=_file(), default=None,
               help="Connect to nodes with TLS, verifying them against this CA or self-signed "
                    "certificate (PEM).  [default: plain TCP]")
-@click.option("--heartbeat", type=float, default=0.5, show_default=True, help=HEARTBEAT_HELP)
+@heartbeat_option
 def dispatch(manifest_path: Path, nodes: str, input_path: Path | None, count: int | None,
-             inflight: int | None, codec: str | None, output_path: Path | None,
-             report_path: Path | None, timeout: float, seed: int, spares: str,
-             token: str | None, tls_ca: Path | None, heartbeat: float) -> None:
-    """Stream inputs through a chain of running `defer serve` nodes and report."""
+             output_path: Path | None, report_path: Path | None, seed: int, spares: str,
+             trace_path: Path | None, token: str | None, token_file: Path | None,
+             **fields) -> None:
+    """Stream inputs through a chain of running `defer serve` nodes and report.
+
+    Progress goes to stderr (a bar on a terminal, a line every 5 s otherwise); the report to
+    stdout.
+    """
+    from defer import progress
+    from defer.address import parse_address_list
     from defer.errors import UsageError
     from defer.manifest import load_manifest
     from defer.runtime.dispatcher import Dispatcher
-    from defer.runtime.inputs import load_inputs, save_outputs
+    from defer.runtime.inputs import InputFile, OutputWriter, random_stream
     from defer.runtime.report import format_report
-    from defer.tensors import check_sample, random_inputs
+    from defer.runtime.trace import TraceFile
 
     manifest = load_manifest(manifest_path)
     if count is not None and count < 1:
         raise UsageError(f"--count {count}: need at least 1")
     if input_path is not None:
-        samples = load_inputs(input_path, manifest)
-        count = count or len(samples)
-        samples = [samples[i % len(samples)] for i in range(count)]
+        source = InputFile(input_path, manifest)
+        count = count or len(source)
+        samples = source.samples(count)
     else:
-        samples = random_inputs(manifest.inputs, count or 100, seed)
-    for sample in samples[:1] if input_path is None else samples:
-        check_sample(manifest.inputs, sample)  # a wrong input fails before any connection
-    addresses = [a.strip() for a in nodes.split(",") if a.strip()]
-    spare_list = [a.strip() for a in spares.split(",") if a.strip()]
-    with Dispatcher(manifest, addresses, codec=codec, inflight=inflight, timeout=timeout,
-                    spares=spare_list, token=token or None, tls_ca=tls_ca,
-                    heartbeat=heartbeat) as dispatcher:
-        outputs = list(dispatcher.map(samples))
-        stats = dispatcher.stats()
-    if output_path is not None:
-        save_outputs(output_path, outputs)
+        count = count or 100
+        samples = random_stream(manifest.inputs, count, seed)
+    first = next(samples)  # a wrong input fails before any connection
+    options = DispatchOptions(spares=tuple(parse_address_list(spares)),
+                              token=resolve_token(token, token_file), **fields)
+    writer = OutputWriter(output_path, count) if output_path is not None else None
+    trace = TraceFile(trace_path) if trace_path is not None else None
+    try:
+        with progress.reporting(progress.TerminalReporter(prefix="dispatch: ")), \
+                Dispatcher(manifest, parse_address_list(nodes), options,
+                           tracer=trace.chain() if trace else None) as dispatcher, \
+                progress.phase("infer", total=count) as step:
+            for outputs in dispatcher.map(itertools.chain([first], samples)):
+                if writer is not None:
+                    writer.append(outputs)
+                step()
+            stats = dispatcher.stats()
+    finally:
+        if trace is not None:
+            trace.close()
+    if writer is not None:
+        writer.close()
+    stats["dispatcher_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     click.echo(format_report(stats))
+    click.echo(f"  dispatcher peak RSS {stats['dispatcher_peak_rss_mb']:.0f} MB")
     if report_path is not None:
         report_path.write_text(json.dumps(stats, indent=2) + "\n")
+    if trace_path is not None:
+        click.echo(f"  trace: {trace_path} (open in ui.perfetto.dev or chrome://tracing)")
 
 
 @click.command("run")
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path))
-@click.option("-n", "--nodes", "n_stages", type=int, default=None,
-              help="Nodes (= stages) to start.  [default: 4, or the bundle folder's count]")
-@click.option("--count", type=int, default=100, show_default=True, help="Inferences to run.")
+@click.option("-n", "--stages", "n_stages", type=int, default=None,
+              help="Stages = local nodes to start.  [default: one per core this process may "
+                   "use, or the bundle folder's count]")
+@click.option("--count", type=int, default=_RUN.count, show_default=True,
+              help="Inferences to run.")
 @click.option("--codec", default=None,
               help=f"Codec on every hop ({CODEC_HELP}).  [default: the manifest's, raw]")
 @click.option("--inflight", type=int, default=None,
               help="Requests in flight.  [default: max(8, 2 x stages)]")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Keep the compiled bundles here.  [default: a temp folder]")
-@click.option("--profile/--no-profile", default=True, show_default=True,
+@click.option("--profile/--no-profile", default=_RUN.profile, show_default=True,
               help="Cost the model with onnxruntime's profiler, or a FLOP estimate.")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=float, default=_RUN.timeout, show_default=True,
               help="Seconds any wait may take before failing with a named node.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the report as JSON here.")
-def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
-        inflight: int | None, out_dir: Path | None, profile: bool, timeout: float,
-        report_path: Path | None) -> None:
+def run(model: Path | None, report_path: Path | None, **fields) -> None:
     """Run MODEL (a model file or bundle folder; default: the built-in ResNet50) on a local
     chain of nodes, one per core, and compare with one process."""
-    from defer.errors import UsageError
     from defer.local import run_local
     from defer.runtime.report import format_report
 
+    options = RunOptions(**fields).checked()
     # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup stops every node process.
-    if count < 1:
-        raise UsageError(f"--count {count}: need at least 1")
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        report = run_local(model, n_stages, count=count, codec=codec, inflight=inflight,
-                           timeout=timeout, out_dir=out_dir, profile=profile)
+        report = run_local(model, options, on_plan=lambda line: click.echo(line, err=True))
     finally:
         signal.signal(signal.SIGTERM, previous)
     click.echo(format_report(report["chain"], title=f"chain of {report['n_stages']} nodes"))
@@ -182,5 +204,3 @@ def run(model: Path | None, n_stages: int | None, count: int, codec: str | None,
 
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from defer import __version__
+from defer import __version__, progress
 from defer.compiler.export import stage_model, write_bundles
-from defer.compiler.graph import GraphInfo, analyse
+from defer.compiler.graph import GraphInfo, analyse, analyse_orders
 from defer.compiler.load import LoadedModel, load_model, sample_inputs
 from defer.compiler.options import STRATEGIES, CompileOptions, as_options
 from defer.compiler.partition import Plan, Problem, balanced, equal_layers, evaluate
-from defer.compiler.profile import Costs, estimate_costs, profile_costs
+from defer.compiler.profile import Costs, costs_from_profile, estimate_costs, profile
 from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
 from defer.errors import PlanError
@@ -43,35 +43,57 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
     """
     opts = as_options(options, n_stages, **overrides)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    info = analyse(loaded.model, batch=opts.batch)
+    with progress.phase("analyse"):
+        infos = analyse_orders(loaded.model, batch=opts.batch, order=opts.order)
+    info = infos[0]
+    log.info("%d ops (%d constant-only ops attached to their consumers)",
+             info.n_ops, len(info.const_ops))
     if opts.n_stages > info.n_ops:
         raise PlanError(f"-n {opts.n_stages} is more stages than the model has ops "
                         f"({info.n_ops}); pass -n {info.n_ops} or fewer")
-    costs = (profile_costs(info, runs=opts.profile_runs) if opts.profile
-             else estimate_costs(info))
-    wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
-    problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
-                            opts.latency, opts.memory, opts.local_input, opts.overlap, wire)
-    plan = _choose_plan(info, problem, opts.strategy, opts.cuts)
+    measured = profile(info, runs=opts.profile_runs) if opts.profile else None
+    candidates = []
+    with progress.phase("plan", total=len(infos)) as step:
+        for info in infos:  # one plan per candidate op order: keep the best
+            costs = costs_from_profile(info, measured) if measured else estimate_costs(info)
+            wire = measure_wire(info, opts.codec) if opts.codec != "raw" else None
+            problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
+                                    opts.latency, opts.memory, opts.local_input, opts.overlap,
+                                    wire)
+            candidates.append((_choose_plan(info, problem, opts.strategy, opts.cuts), info,
+                               problem, costs))
+            step()
+    plan, info, problem, costs = min(candidates, key=lambda c: _rank(c[0], candidates[0][0]))
     baseline = equal_layers(problem)
-    log.info("plan: %r", plan)
-    stages = [stage_model(info, a, b, i)
-              for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:]))]
-    for s, (_, spec) in enumerate(stages):
-        spec.compute = _stage_compute(problem, s, plan.bounds[s], plan.bounds[s + 1])
-    manifest = Manifest(
-        model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
-               "opset": _opset(loaded.model), "n_ops": info.n_ops,
-               "inputs": [info.specs[t].to_dict() for t in info.input_names],
-               "outputs": [info.specs[t].to_dict() for t in info.output_names]},
-        plan=_plan_record(plan, problem, baseline, costs.source, opts.batch, opts.memory),
-        stages=[spec for _, spec in stages],
-        codec=opts.codec,
-        created_by=f"defer {__version__}",
-    )
-    log.info("writing %d bundles to %s", opts.n_stages, out_dir)
-    write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
+    orders = {i.order: {"bottleneck": p.bottleneck, "wire_bytes": p.wire_bytes}
+              for p, i, _, _ in candidates}
+    log.info("plan: %r (%s op order)", plan, info.order)
+    with progress.phase("export", total=opts.n_stages) as step:
+        stages = []
+        for i, (a, b) in enumerate(zip(plan.bounds[:-1], plan.bounds[1:])):
+            stages.append(stage_model(info, a, b, i))
+            stages[-1][1].compute = _stage_compute(problem, i, a, b)
+            step()
+        manifest = Manifest(
+            model={"name": loaded.name, "source": loaded.source, "sha256": loaded.sha256,
+                   "opset": _opset(loaded.model), "n_ops": info.n_ops,
+                   "inputs": [info.specs[t].to_dict() for t in info.input_names],
+                   "outputs": [info.specs[t].to_dict() for t in info.output_names]},
+            plan={**_plan_record(plan, problem, baseline, costs.source, opts.batch,
+                                 opts.memory, info.order), "op_orders": orders},
+            stages=[spec for _, spec in stages],
+            codec=opts.codec,
+            created_by=f"defer {__version__}",
+        )
+        log.info("writing %d bundles to %s", opts.n_stages, out_dir)
+        write_bundles(Path(out_dir), [m for m, _ in stages], manifest)
     return manifest
+
+
+def _rank(plan: Plan, first: Plan) -> tuple:
+    """Order plans by slowest stage (ties within 1e-9), then wire bytes, then total time."""
+    close = abs(plan.bottleneck - first.bottleneck) <= 1e-9 * first.bottleneck
+    return (first.bottleneck if close else plan.bottleneck, plan.wire_bytes, plan.total)
 
 
 def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
@@ -80,7 +102,7 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
                   local_input: bool = False, overlap: bool = False,
                   wire: WireCosts | None = None) -> Problem:
     """The partitioning problem of `info`: costs, bytes at every cut, memory per segment."""
-    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_ops + 1)], dtype=float)
+    cut_bytes = info.cut_bytes()
     if not isinstance(costs, Costs):
         costs = Costs.nodes_only(np.asarray(costs, dtype=float), "given")
     enter, leave = costs.enter, costs.leave
@@ -93,7 +115,7 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
         compute=costs.node, cut_bytes=link_bytes, enter=enter, leave=leave, overlap=overlap,
         speeds=list(speeds) if speeds else [1.0] * n_stages,
         bandwidth=bandwidth, latency=latency,
-        memory=_memory_matrix(info, cut_bytes) if memory else None, memory_cap=memory,
+        memory=info.memory() if memory else None, memory_cap=memory,
     )
 
 
@@ -104,8 +126,10 @@ def resolve_cuts(info: GraphInfo, names: Sequence[str]) -> list[int]:
         match = re.fullmatch(r"([A-Za-z]+)#(\d+)", name)
         try:
             if match:
-                of_type = [i for i, n in enumerate(info.nodes) if n.op_type == match.group(1)]
-                position = of_type[int(match.group(2)) - 1] + 1
+                # The k-th of that type in the file: the same op whatever order was chosen.
+                of_type = sorted((op.index, i) for i, op in enumerate(info.ops)
+                                 if op.op_type == match.group(1))
+                position = of_type[int(match.group(2)) - 1][1] + 1
             else:
                 position = info.position_of(name)
         except (KeyError, IndexError):
@@ -135,34 +159,13 @@ def _choose_plan(info: GraphInfo, problem: Problem, strategy: str, cuts: Sequenc
 
 def _stage_compute(problem: Problem, stage: int, a: int, b: int) -> float:
     """Predicted compute seconds of a stage (its share of the time that is not the network)."""
-    work = float(np.sum(problem.compute[a:b]))
-    work += float(problem.enter[a]) if problem.enter is not None else 0.0
-    work += float(problem.leave[b]) if problem.leave is not None else 0.0
-    return work / problem.speeds[stage]
-
-
-def _memory_matrix(info: GraphInfo, cut_bytes: np.ndarray) -> np.ndarray:
-    """Bytes a stage [a, b) holds: its weights + what it receives + everything it produces."""
-    n = info.n_ops
-    produced = np.zeros(n + 1)
-    for i, node in enumerate(info.nodes):
-        produced[i + 1] = produced[i] + sum(info.tensor_bytes(t) for t in node.output if t)
-    memory = np.zeros((n + 1, n + 1))
-    for a in range(n):
-        weights: set[str] = set()
-        total = 0
-        for b in range(a + 1, n + 1):
-            for w in info.node_weights[b - 1] - weights:
-                total += info.initializer_bytes[w]
-                weights.add(w)
-            memory[a, b] = total + cut_bytes[a] + produced[b] - produced[a]
-    return memory
+    return float(problem.work(stage, a, b)) / problem.speeds[stage]
 
 
 def _plan_record(plan: Plan, problem: Problem, baseline: Plan, cost_source: str, batch: int,
-                 memory: float | None) -> dict:
+                 memory: float | None, order: str) -> dict:
     return {
-        "strategy": plan.strategy, "n_stages": len(plan.stage_times), "batch": batch,
+        "strategy": plan.strategy, "op_order": order, "n_stages": len(plan.stage_times), "batch": batch,
         "cost_source": cost_source,
         "bandwidth": problem.bandwidth, "latency": problem.latency, "speeds": problem.speeds,
         "local_input": bool(problem.cut_bytes[0] == 0), "overlap": problem.overlap,

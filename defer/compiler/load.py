@@ -1,8 +1,11 @@
 """Load a model as ONNX: `.onnx` directly, Keras (`.h5`, `.keras`, SavedModel) through tf2onnx.
 
-The result is normalised for the later steps: every node has a unique name (profiler events map
-to it), Constant nodes become initializers (so they never cross a cut), and every tensor has a
-type and shape (onnx shape inference, then one real run for whatever inference left unknown).
+The result is normalised for the later steps: local functions are inlined, every node has a
+unique name (profiler events map to it), Constant nodes become initializers, and every tensor
+has a type and shape (onnx shape inference on the graph without its weights' bytes, then a real
+run for whatever inference left unknown, keeping dynamic dims dynamic). External data
+(`model.onnx` + `model.onnx.data`, what torch's dynamo exporter writes) is read with the model;
+past 2 GB, sessions are made from a file with external data.
 TensorFlow is imported only for Keras input.
 """
 
@@ -10,15 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper
 
+from defer import progress
 from defer.errors import MissingDependencyError, UsageError
-from defer.manifest import sha256_bytes
+from defer.manifest import sha256_bytes, sha256_file
 from defer.tensors import random_inputs
 
 log = logging.getLogger(__name__)
@@ -37,13 +43,22 @@ class LoadedModel:
 
 def load_model(source: str | Path | onnx.ModelProto, opset: int = OPSET) -> LoadedModel:
     """Read `source` and return a normalised ONNX model with its provenance."""
-    if isinstance(source, onnx.ModelProto):
-        data = source.SerializeToString()
-        loaded = LoadedModel(source, source.graph.name or "model", "<memory>", sha256_bytes(data))
-    else:
-        loaded = _load_path(Path(source), opset)
-    loaded.model = _normalise(loaded.model)
+    with progress.phase("load"):
+        if isinstance(source, onnx.ModelProto):
+            loaded = LoadedModel(source, source.graph.name or "model", "<memory>",
+                                 _proto_sha256(source))
+        else:
+            loaded = _load_path(Path(source), opset)
+        loaded.model = _normalise(loaded.model)
     return loaded
+
+
+def _proto_sha256(model: onnx.ModelProto) -> str:
+    try:
+        return sha256_bytes(model.SerializeToString())
+    except ValueError:  # over 2 GB: hash the graph without its weights' bytes
+        skeleton = _skeleton(model)
+        return sha256_bytes(skeleton.SerializeToString())
 
 
 def _load_path(path: Path, opset: int) -> LoadedModel:
@@ -59,16 +74,16 @@ def _load_path(path: Path, opset: int) -> LoadedModel:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         try:
-            model = onnx.load(str(path))
+            model = onnx.load(str(path))  # external data (model.onnx.data) is read too
         except Exception as err:  # onnx raises DecodeError, ValueError... for a bad file
-            raise UsageError(f"{path}: not a readable ONNX model ({err}); "
-                             "re-export it or check the file") from err
+            raise UsageError(f"{path}: not a readable ONNX model ({err}); re-export it, or "
+                             "check that its external data file sits beside it") from err
     elif suffix in KERAS_SUFFIXES:
         model = _convert_keras(path, opset)
     else:
         raise UsageError(f"{path}: unknown model format {suffix!r}; "
                          "defer reads .onnx, .h5, .keras or a SavedModel directory")
-    return LoadedModel(model, name, path.name, sha256_bytes(path.read_bytes()))
+    return LoadedModel(model, name, path.name, sha256_file(path))
 
 
 def _import_converter():
@@ -125,11 +140,54 @@ def _convert_saved_model(path: Path, opset: int) -> onnx.ModelProto:
 
 
 def _normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.functions:  # local functions: inline them so every op is a graph node
+        model = onnx.inliner.inline_local_functions(model)
     model = _constants_to_initializers(model)
     _name_nodes(model.graph)
-    model = onnx.shape_inference.infer_shapes(model)
+    _infer_shapes(model)
     _fill_unknown_shapes(model)
     return model
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """onnx shape inference on the graph without its big weights' bytes (only their shapes
+    matter), so it costs little memory and works past protobuf's 2 GB."""
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for mine, theirs in zip(model.graph.output, inferred.graph.output):
+        if not mine.type.tensor_type.HasField("shape"):
+            mine.CopyFrom(theirs)
+
+
+def _skeleton(model: onnx.ModelProto, above: int = 1 << 16) -> onnx.ModelProto:
+    """A copy of `model` whose initializers over `above` bytes keep dims and type, no data."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip=("graph",))
+    _copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    skeleton.graph.initializer.extend(_light_tensor(t, above) for t in model.graph.initializer)
+    return skeleton
+
+
+def _copy_fields(source, target, skip: tuple[str, ...]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _light_tensor(tensor: onnx.TensorProto, above: int) -> onnx.TensorProto:
+    if tensor.ByteSize() <= above:
+        return tensor
+    light = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    light.data_location = onnx.TensorProto.EXTERNAL
+    light.external_data.add(key="location", value="defer-shape-inference-only")
+    return light
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -158,7 +216,10 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
-    """Give every tensor a type and shape: run once and read what shape inference missed."""
+    """Give every tensor a type and shape: run and read what shape inference missed.
+
+    With dynamic input dims it runs at batch 1 and 2 and keeps the dims that differ dynamic,
+    so bundles keep accepting any batch."""
     graph = model.graph
     known = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)
              if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")}
@@ -166,19 +227,51 @@ def _fill_unknown_shapes(model: onnx.ModelProto) -> None:
     missing = [t for n in graph.node for t in n.output if t and t not in known and t not in inits]
     if not missing:
         return
-    log.info("shape inference left %d tensors without a shape; reading them from one run",
+    log.info("shape inference left %d tensors without a shape; reading them from a run",
              len(missing))
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in missing)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = sample_inputs(model, batch=1)
-    values = session.run(missing, feeds)
-    for name, value in zip(missing, values):
-        graph.value_info.append(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+    with tempfile.TemporaryDirectory(prefix="defer-shapes-") as tmp:
+        session = ort_session(probe, ort.SessionOptions(), tmp)
+    del probe
+    runs = [session.run(missing, sample_inputs(model, batch=b)) for b in _batches(model)]
+    outputs = {o.name: o for o in graph.output}
+    for i, name in enumerate(missing):
+        shapes = [values[i].shape for values in runs]
+        shape = [d if all(s[j] == d for s in shapes) else None for j, d in enumerate(shapes[0])]
+        info = helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(runs[0][i].dtype), shape)
+        graph.value_info.append(info)
+        if name in outputs:
+            outputs[name].CopyFrom(info)
+
+
+def _batches(model: onnx.ModelProto) -> list[int]:
+    from defer.compiler.graph import value_info_spec
+
+    inits = {i.name for i in model.graph.initializer}
+    specs = [value_info_spec(vi) for vi in model.graph.input if vi.name not in inits]
+    dynamic = any(not isinstance(d, int) for s in specs if s for d in s.shape)
+    return [1, 2] if dynamic else [1]
+
+
+def ort_session(model: onnx.ModelProto, options, folder: str | Path):
+    """An onnxruntime session of `model`, from bytes, or past 2 GB from a file with external
+    data written into `folder` (which may be deleted once this returns)."""
+    import onnxruntime as ort
+
+    options.log_severity_level = 3
+    if model.ByteSize() < 2**31 - 2**26:
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+    path = Path(folder) / "model.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def sample_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -190,4 +283,4 @@ def sample_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict
     return random_inputs([s for s in specs if s is not None], 1, seed, batch)[0]
 
 
-__all__ = ["LoadedModel", "load_model", "sample_inputs"]
+__all__ = ["LoadedModel", "load_model", "ort_session", "sample_inputs"]

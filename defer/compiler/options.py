@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from defer.codecs import parse_codec
+from defer.compiler.order import ORDERS
 from defer.errors import UsageError
 
 STRATEGIES = ("balanced", "layers")
@@ -19,7 +20,8 @@ STRATEGIES = ("balanced", "layers")
 @dataclass(frozen=True)
 class CompileOptions:
     """How to cut a model. `bandwidth` in bytes/s, `memory` in bytes per device, `latency` in
-    seconds per hop; `cuts` (op or tensor names, or `OpType#k`) replace the strategy."""
+    seconds per hop; `cuts` (op or tensor names, or `OpType#k`) replace the strategy; `order`
+    picks the op order (see order.py: auto, file, depth, greedy)."""
 
     n_stages: int | None = None
     strategy: str = "balanced"
@@ -34,6 +36,7 @@ class CompileOptions:
     profile: bool = True
     profile_runs: int = 10
     codec: str = "raw"
+    order: str = "auto"
 
     def replace(self, **changes) -> CompileOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -70,6 +73,8 @@ class CompileOptions:
             raise UsageError(f"--batch {self.batch}: must be 1 or more")
         if self.profile_runs < 1:
             raise UsageError(f"profile_runs {self.profile_runs}: must be 1 or more")
+        if self.order not in ORDERS:
+            raise UsageError(f"--order {self.order!r} unknown; use one of {', '.join(ORDERS)}")
         codec = parse_codec(self.codec).spec
         return dataclasses.replace(self, n_stages=n_stages, cuts=cuts, speeds=speeds, codec=codec)
 

@@ -1,73 +1,105 @@
-"""Partition the topological order of ops into contiguous stages, one per device of the chain.
+"""Partition the order of ops into contiguous stages, one per device of the chain.
 
 Stage s covers ops [a, b) and runs on a device of relative speed speeds[s]:
 
-    time(s, a, b) = (compute[a:b] + enter[a] + leave[b]) / speeds[s]
+    time(s, a, b) = (compute_s[a:b] + enter[a] + leave[b]) / speeds[s]
                     + cut_bytes[a] / bandwidth + latency
 
-`cut_bytes[a]` is what crosses into the stage (for stage 0, the model inputs); `enter`/`leave`
-are the measured extra costs of starting / ending a stage at a cut (layout reorders, fusions
-broken by the cut, codec work), zero when unknown. With `overlap`, a device receives while it
-computes, so the link into a stage and the node are separate pipeline resources:
+`compute` is one (N,) vector of seconds per op, or one such vector per stage (a heterogeneous
+fleet, each device costed on itself). `cut_bytes[a]` is what crosses into the stage (for stage
+0, the model inputs); `enter`/`leave` are the extra seconds of starting / ending a stage at a cut
+(layout reorders, broken fusions, codec work, per-message costs), zero when unknown. With
+`overlap`, a device receives while it computes, so the stage takes
+max(compute part, transfer part) + latency instead of their sum.
 
-    time(s, a, b) = max((compute[a:b] + enter[a] + leave[b]) / speeds[s],
-                        cut_bytes[a] / bandwidth) + latency The objective is
-lexicographic: the slowest stage (pipeline throughput = 1 / slowest), then fewer bytes on the
-wire (interior cuts), then lower total latency (sum of stage times). `memory[a, b]` over a cap
-makes a stage infeasible. `balanced` solves it exactly in two dynamic programmes: the first finds
-the optimal bottleneck, the second minimises bytes and latency among plans that attain it.
+The objective is lexicographic: the slowest stage (pipeline throughput = 1 / slowest), then
+fewer bytes on the wire (interior cuts), then lower total latency (sum of stage times). A stage
+over the memory cap (see memory.py) is infeasible. `balanced` solves it exactly in two passes
+that never hold a matrix over all (a, b) pairs:
+
+1. The optimal bottleneck by bisection. "Can every stage stay under B?" is a forward sweep of
+   reachable cut positions, O(N) per stage (O(N log N) with a memory cap), vectorised.
+2. Among plans under that bottleneck, fewest bytes then lowest total, by dynamic programming
+   over blocks of end positions. Only cut positions that can be reached from the start AND can
+   still reach the end under the bottleneck are visited, and a stage's start is bounded below
+   by its compute, so the work is a band around the optimum. Memory O(N * n_stages).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from defer.compiler.intervals import range_min_after, stab_max
+from defer.compiler.memory import StageMemory
 from defer.errors import PlanError
 
 _REL_EPS = 1e-9
+_BLOCK = 1 << 19  # elements of one (starts x ends) block of the second pass
+_BISECTIONS = 80
 
 
 @dataclass
 class Problem:
-    compute: np.ndarray  # (N,) seconds per op at speed 1
+    compute: np.ndarray  # (N,) seconds per op at speed 1, or (n_stages, N): one per device
     cut_bytes: np.ndarray  # (N+1,) bytes crossing a cut before op k
     speeds: list[float]  # one per stage, chain order
     bandwidth: float | None = None  # bytes/s; None = unlimited
     latency: float = 0.0  # seconds per hop
-    memory: np.ndarray | None = None  # (N+1, N+1) bytes needed by a stage [a, b)
+    memory: StageMemory | None = None  # what a stage [a, b) holds
     memory_cap: float | None = None
     enter: np.ndarray | None = None  # (N+1,) seconds at speed 1
     leave: np.ndarray | None = None  # (N+1,)
     overlap: bool = False  # transfer overlaps compute: max instead of sum
+    _prefix: list[np.ndarray] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.compute = np.asarray(self.compute, dtype=float)
+        self.cut_bytes = np.asarray(self.cut_bytes, dtype=float)
+        rows = self.compute if self.compute.ndim == 2 else [self.compute]
+        self._prefix = [np.concatenate([[0.0], np.cumsum(r)]) for r in rows]
+        if self.compute.ndim == 2 and len(self.compute) != len(self.speeds):
+            raise PlanError(f"{len(self.compute)} compute vectors for {len(self.speeds)} stages; "
+                            "give one per stage")
 
     @property
     def n_ops(self) -> int:
-        return len(self.compute)
+        return self.compute.shape[-1]
 
     @property
     def n_stages(self) -> int:
         return len(self.speeds)
 
-    def time_matrix(self, stage: int) -> np.ndarray:
-        """T[a, b] = time of stage `stage` covering [a, b); inf where a >= b or over the cap."""
-        prefix = np.concatenate([[0.0], np.cumsum(self.compute)])
-        comm = self.cut_bytes / self.bandwidth if self.bandwidth else np.zeros_like(prefix)
-        work = prefix[None, :] - prefix[:, None]
+    def prefix(self, stage: int) -> np.ndarray:
+        """(N+1,) cumulative compute seconds of the device of `stage`."""
+        return self._prefix[stage if len(self._prefix) > 1 else 0]
+
+    def work(self, stage: int, a, b):
+        """Seconds at speed 1 of ops [a, b) plus the cut costs (scalars or broadcast arrays)."""
+        prefix = self.prefix(stage)
+        work = prefix[b] - prefix[a]
         if self.enter is not None:
-            work = work + self.enter[:, None]
+            work = work + self.enter[a]
         if self.leave is not None:
-            work = work + self.leave[None, :]
+            work = work + self.leave[b]
+        return work
+
+    def transfer(self, a):
+        return self.cut_bytes[a] / self.bandwidth if self.bandwidth else 0.0 * self.cut_bytes[a]
+
+    def times(self, stage: int, a, b):
+        """time(stage, a, b) for scalars or broadcast arrays of starts and ends."""
+        compute = self.work(stage, a, b) / self.speeds[stage]
         if self.overlap:
-            times = np.maximum(work / self.speeds[stage], comm[:, None]) + self.latency
-        else:
-            times = work / self.speeds[stage] + comm[:, None] + self.latency
-        a, b = np.indices(times.shape)
-        times[a >= b] = np.inf
-        if self.memory is not None and self.memory_cap is not None:
-            times[self.memory > self.memory_cap] = np.inf
-        return times
+            return np.maximum(compute, self.transfer(a)) + self.latency
+        return compute + self.transfer(a) + self.latency
+
+    def reach(self) -> np.ndarray | None:
+        """Per start, the last end under the memory cap (None: no cap)."""
+        if self.memory is None or self.memory_cap is None:
+            return None
+        return self.memory.reach(self.memory_cap)
 
 
 @dataclass
@@ -76,7 +108,7 @@ class Plan:
     bounds: list[int]  # stage s covers [bounds[s], bounds[s+1])
     stage_times: list[float]
     wire_bytes: int  # bytes over interior cuts, per inference
-    ideal: float  # op compute / sum of speeds: no plan's slowest stage can beat it
+    ideal: float  # op compute spread over the fleet: no plan's slowest stage can beat it
     fits_memory: bool = True
 
     @property
@@ -113,13 +145,12 @@ def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Pla
     """The plan that cuts at `bounds` (0 = b_0 < ... < b_n = N), with its predicted times."""
     times = []
     fits = True
+    cap = problem.memory_cap
     for s in range(problem.n_stages):
         a, b = bounds[s], bounds[s + 1]
-        t = problem.time_matrix(s)[a, b] if a < b else np.inf
-        if not np.isfinite(t) and a < b:
-            fits = False
-            t = _unconstrained_time(problem, s, a, b)
-        times.append(float(t))
+        times.append(float(problem.times(s, a, b)) if a < b else float("inf"))
+        if a < b and problem.memory is not None and cap is not None:
+            fits = fits and problem.memory.of(a, b) <= cap
     wire = int(sum(problem.cut_bytes[k] for k in bounds[1:-1]))
     return Plan(strategy, list(bounds), times, wire, _ideal(problem), fits)
 
@@ -127,12 +158,10 @@ def evaluate(problem: Problem, bounds: list[int], strategy: str = "cuts") -> Pla
 def balanced(problem: Problem) -> Plan:
     """The exact optimum: minimal bottleneck, then fewest wire bytes, then lowest total time."""
     _check_sizes(problem)
-    matrices = [problem.time_matrix(s) for s in range(problem.n_stages)]
-    bound = _optimal_bottleneck(problem, matrices)
-    if not np.isfinite(bound):
-        raise PlanError(_infeasible_message(problem))
+    reach = problem.reach()
+    bound = _optimal_bottleneck(problem, reach)
     limit = bound * (1 + _REL_EPS) + 1e-15
-    bounds = _min_bytes_then_latency(problem, matrices, limit)
+    bounds = _min_bytes_then_latency(problem, reach, limit)
     return evaluate(problem, bounds, "balanced")
 
 
@@ -152,54 +181,171 @@ def _check_sizes(problem: Problem) -> None:
                         f"{problem.n_ops} ops; pass -n {problem.n_ops} or fewer")
 
 
-def _optimal_bottleneck(problem: Problem, matrices: list[np.ndarray]) -> float:
-    size = problem.n_ops + 1
-    best = np.full(size, np.inf)
-    best[0] = 0.0
-    for times in matrices:
-        best = np.min(np.maximum(best[:, None], times), axis=0)
-    return float(best[-1])
+# --- pass 1: the optimal bottleneck ---------------------------------------------------------
 
 
-def _min_bytes_then_latency(problem: Problem, matrices: list[np.ndarray], limit: float) -> list[int]:
+def _thresholds(problem: Problem, stage: int, limit: float) -> np.ndarray:
+    """thr[a]: a stage starting at a ends in time at b iff prefix[b] + leave[b] <= thr[a]."""
+    speed = problem.speeds[stage]
+    start = problem.prefix(stage) - (problem.enter if problem.enter is not None else 0.0)
+    transfer = problem.transfer(np.arange(problem.n_ops + 1))
+    if problem.overlap:
+        thr = (limit - problem.latency) * speed + start
+        thr = np.where(transfer + problem.latency <= limit, thr, -np.inf)
+    else:
+        thr = (limit - problem.latency - transfer) * speed + start
+    thr[-1] = -np.inf  # no stage starts after the last op
+    return thr
+
+
+def _ends(problem: Problem, stage: int) -> np.ndarray:
+    return problem.prefix(stage) + (problem.leave if problem.leave is not None else 0.0)
+
+
+def _forward(problem: Problem, reach: np.ndarray | None, limit: float,
+             keep: bool = False) -> list[np.ndarray]:
+    """Positions reachable after each number of stages, every stage taking <= limit."""
     size = problem.n_ops + 1
-    wire = problem.cut_bytes.astype(float).copy()
+    reached = np.zeros(size, dtype=bool)
+    reached[0] = True
+    sets = [reached]
+    for s in range(problem.n_stages):
+        thr = np.where(reached, _thresholds(problem, s, limit), -np.inf)
+        best = stab_max(thr, reach)  # best[b] = max thr[a] over starts a < b <= reach[a]
+        reached = _ends(problem, s) <= best
+        reached[0] = False
+        if keep:
+            sets.append(reached)
+        elif not reached.any():
+            break
+    return sets if keep else [reached]
+
+
+def _backward(problem: Problem, reach: np.ndarray | None, limit: float) -> list[np.ndarray]:
+    """Positions from which stages s.. can still finish at N, every stage taking <= limit."""
+    size = problem.n_ops + 1
+    can = np.zeros(size, dtype=bool)
+    can[-1] = True
+    sets = [can]
+    for s in reversed(range(problem.n_stages)):
+        ends = np.where(can, _ends(problem, s), np.inf)
+        best = range_min_after(ends, reach)  # min ends[b] over a < b <= reach[a]
+        can = _thresholds(problem, s, limit) >= best
+        sets.append(can)
+    return sets[::-1]
+
+
+def _feasible(problem: Problem, reach: np.ndarray | None, limit: float) -> bool:
+    last = _forward(problem, reach, limit)[-1]
+    return bool(last[-1])
+
+
+def _optimal_bottleneck(problem: Problem, reach: np.ndarray | None) -> float:
+    hi = _upper_bound(problem)
+    if not _feasible(problem, reach, hi):
+        raise PlanError(_infeasible_message(problem))
+    lo = 0.0
+    for _ in range(_BISECTIONS):
+        if hi - lo <= 1e-13 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if _feasible(problem, reach, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _upper_bound(problem: Problem) -> float:
+    """A time no stage can exceed: all ops, the worst cut costs, the worst transfer."""
+    extra = sum(float(np.max(x)) for x in (problem.enter, problem.leave) if x is not None)
+    compute = max((problem.prefix(s)[-1] + extra) / problem.speeds[s]
+                  for s in range(problem.n_stages))
+    transfer = float(np.max(problem.transfer(np.arange(problem.n_ops + 1))))
+    total = max(compute, transfer) if problem.overlap else compute + transfer
+    return (total + problem.latency) * (1 + 1e-9) + 1e-300
+
+
+# --- pass 2: fewest bytes, then lowest total, under the bottleneck --------------------------
+
+
+def _min_bytes_then_latency(problem: Problem, reach: np.ndarray | None,
+                            limit: float) -> list[int]:
+    loose = limit * (1 + 1e-12)  # prune with a superset of what the exact check accepts
+    forward = _forward(problem, reach, loose, keep=True)
+    backward = _backward(problem, reach, loose)
+    size = problem.n_ops + 1
+    wire = problem.cut_bytes.copy()
     wire[0] = 0.0
     cost_bytes = np.full(size, np.inf)
     cost_bytes[0] = 0.0
     cost_time = np.zeros(size)
     choices = []
-    for times in matrices:
-        feasible = times <= limit
-        cand_bytes = np.where(feasible, cost_bytes[:, None] + wire[:, None], np.inf)
-        cand_time = np.where(feasible, cost_time[:, None] + times, np.inf)
-        new_bytes = cand_bytes.min(axis=0)
-        at_min = cand_bytes == new_bytes[None, :]
-        cand_time = np.where(at_min & np.isfinite(cand_bytes), cand_time, np.inf)
-        choice = cand_time.argmin(axis=0)
-        cost_bytes, cost_time = new_bytes, cand_time[choice, np.arange(size)]
+    for s in range(problem.n_stages):
+        starts = np.flatnonzero(forward[s] & backward[s] & np.isfinite(cost_bytes))
+        ends = np.flatnonzero(forward[s + 1] & backward[s + 1])
+        new_bytes, new_time = np.full(size, np.inf), np.full(size, np.inf)
+        choice = np.full(size, -1, dtype=np.int64)
+        for block_starts, block_ends in _blocks(problem, s, starts, ends, limit):
+            a, b = block_starts[:, None], block_ends[None, :]
+            times = problem.times(s, a, b)
+            ok = (a < b) & (times <= limit)
+            if reach is not None:
+                ok &= b <= reach[a]
+            cand_bytes = np.where(ok, cost_bytes[a] + wire[a], np.inf)
+            best_bytes = cand_bytes.min(axis=0)
+            cand_time = np.where(ok & (cand_bytes == best_bytes), cost_time[a] + times, np.inf)
+            pick = cand_time.argmin(axis=0)
+            best_time = cand_time[pick, np.arange(len(block_ends))]
+            found = np.isfinite(best_time)
+            new_bytes[block_ends[found]] = best_bytes[found]
+            new_time[block_ends[found]] = best_time[found]
+            choice[block_ends[found]] = block_starts[pick[found]]
+        cost_bytes, cost_time = new_bytes, new_time
         choices.append(choice)
+    if not np.isfinite(cost_bytes[-1]):
+        raise PlanError("internal error: no plan under the optimal bottleneck; "
+                        "report this with the model attached")
     bounds = [problem.n_ops]
     for choice in reversed(choices):
         bounds.append(int(choice[bounds[-1]]))
     return bounds[::-1]
 
 
-def _unconstrained_time(problem: Problem, stage: int, a: int, b: int) -> float:
-    free = Problem(problem.compute, problem.cut_bytes, problem.speeds, problem.bandwidth,
-                   problem.latency, enter=problem.enter, leave=problem.leave,
-                   overlap=problem.overlap)
-    return float(free.time_matrix(stage)[a, b])
+def _blocks(problem: Problem, stage: int, starts: np.ndarray, ends: np.ndarray, limit: float):
+    """(starts, ends) blocks covering every pair that can be a stage under `limit`.
+
+    A stage [a, b) takes at least (prefix[b] - prefix[a]) / speed, so for each end only the
+    starts with prefix[a] >= prefix[b] - (limit - latency) * speed can be feasible."""
+    if len(starts) == 0 or len(ends) == 0:
+        return
+    prefix = problem.prefix(stage)
+    span = (limit - problem.latency) * problem.speeds[stage] * (1 + 1e-9)
+    first = np.searchsorted(prefix[starts], prefix[ends] - span, side="left")
+    last = np.searchsorted(starts, ends, side="left")  # starts < end
+    i = 0
+    while i < len(ends):
+        j = i + 1
+        while j < len(ends) and (last[j] - first[i]) * (j + 1 - i) <= _BLOCK:
+            j += 1
+        lo, hi = first[i], last[j - 1]
+        if hi > lo:
+            yield starts[lo:hi], ends[i:j]
+        i = j
 
 
 def _ideal(problem: Problem) -> float:
-    """Total compute (no cutting costs) spread evenly over the summed speeds."""
-    return float(np.sum(problem.compute) / np.sum(problem.speeds))
+    """The fleet's combined rate on the whole model (no cutting costs): 1 / sum(1 / t_s),
+    t_s = the whole model's compute on device s alone. Equal vectors: total / sum(speeds)."""
+    rates = [problem.speeds[s] / problem.prefix(s)[-1] if problem.prefix(s)[-1] > 0 else np.inf
+             for s in range(problem.n_stages)]
+    total_rate = float(np.sum(rates))
+    return 1.0 / total_rate if total_rate > 0 and np.isfinite(total_rate) else 0.0
 
 
 def _infeasible_message(problem: Problem) -> str:
     if problem.memory is not None and problem.memory_cap is not None:
-        smallest = float(np.min(problem.memory[np.triu_indices(problem.n_ops + 1, 1)]))
+        smallest = problem.memory.smallest_stage()
         return (f"no plan fits the memory cap of {problem.memory_cap / 2**20:.1f} MiB per device "
                 f"(the smallest single stage needs {smallest / 2**20:.1f} MiB); "
                 "raise --memory or use more devices")

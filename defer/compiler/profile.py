@@ -12,6 +12,9 @@ and its outputs back (reorders, proportional to the bytes crossing), and a cut i
 chain makes that chain run unfused. `Costs.enter[k]` / `Costs.leave[k]` hold those extra
 seconds for a stage that starts / ends at cut k, measured from the same profiles.
 `estimate_costs` is the fallback: a FLOP + memory-traffic estimate at nominal rates.
+Profiles are read one event at a time and reduced to medians as they are read, so a 10k-op
+graph's traces (tens of MB of JSON per level) are never held in memory. A constant-only op
+(graph.py) that onnxruntime did not fold is charged to its first consumer.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from defer import progress
 from defer.compiler.graph import GraphInfo
-from defer.compiler.load import sample_inputs
+from defer.compiler.load import ort_session, sample_inputs
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +60,55 @@ class Costs:
 
 def profile_costs(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int = 1,
                   deployed: bool = True) -> Costs:
-    """Seconds of each node: the median over `runs` profiled runs after `warmup` runs.
+    """Seconds of each op: the median over `runs` profiled runs after `warmup` runs.
 
     With `deployed`, the BASIC costs are rescaled to what ORT_ENABLE_ALL kernels really take,
     and the cost of cutting (reorders, broken fusions) is measured too.
     """
+    return costs_from_profile(info, profile(info, runs, warmup, threads, deployed))
+
+
+@dataclass
+class Profile:
+    """The reduced profiles of one model: BASIC, and ORT_ENABLE_ALL if `deployed`."""
+
+    basic: _Summary
+    deployed: _Summary | None
+
+
+def profile(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int = 1,
+            deployed: bool = True) -> Profile:
+    """Profile the model of `info` (see profile_costs); kernels are keyed by op name, so one
+    Profile prices the same model in any op order (`costs_from_profile`)."""
     import onnxruntime as ort
 
-    basic = _costs_from_events(info, _profile(info, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                              runs, warmup, threads), warmup)
-    if not deployed:
+    levels = [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
+    if deployed:
+        levels.append(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    with progress.phase("profile", total=len(levels) * (warmup + runs)) as step:
+        summaries = [_profile(info, level, runs, warmup, threads, step) for level in levels]
+    return Profile(summaries[0], summaries[1] if deployed else None)
+
+
+def costs_from_profile(info: GraphInfo, measured: Profile) -> Costs:
+    """Costs of the ops of `info`, in its order, from a Profile of the same model."""
+    basic = _costs_from_kernels(info, measured.basic)
+    if measured.deployed is None:
         return Costs.nodes_only(basic, "profile (ORT_ENABLE_BASIC)")
-    events = _profile(info, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, runs, warmup, threads)
-    return _deployed_costs(info, basic, events, warmup)
+    return _deployed_costs(info, basic, measured.deployed)
 
 
-def _profile(info: GraphInfo, level, runs: int, warmup: int, threads: int) -> list[dict]:
+@dataclass
+class _Summary:
+    """What one profile says, reduced as it is read: median seconds per kernel name, and the
+    layout reorders' total seconds and bytes (warm-up runs dropped)."""
+
+    kernels: dict[str, float]
+    reorder_seconds: float
+    reorder_bytes: int
+
+
+def _profile(info: GraphInfo, level, runs: int, warmup: int, threads: int, step) -> _Summary:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -81,48 +119,81 @@ def _profile(info: GraphInfo, level, runs: int, warmup: int, threads: int) -> li
     with tempfile.TemporaryDirectory(prefix="defer-profile-") as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(info.model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort_session(info.model, options, tmp)
         feeds = sample_inputs(info.model, batch=info.batch)
-        log.info("profiling %d nodes at %s: %d warm-up + %d runs, %d thread(s)",
+        log.info("profiling %d ops at %s: %d warm-up + %d runs, %d thread(s)",
                  info.n_ops, level.name, warmup, runs, threads)
         for _ in range(warmup + runs):
             session.run(None, feeds)
-        with open(session.end_profiling()) as f:
-            return json.load(f)
+            step()
+        path = session.end_profiling()
+        del session
+        return _summarise(_events(path), warmup)
 
 
-def _kernel_medians(events: list[dict], warmup: int) -> dict[str, float]:
-    """Median seconds per kernel name, warm-up runs dropped."""
+def _events(path: str) -> Iterator[dict]:
+    """The profile's events one at a time: onnxruntime writes one JSON object per line, so a
+    10k-op profile is never held in memory whole."""
+    with open(path) as f:
+        for line in f:
+            line = line.strip().rstrip(",")
+            if line in ("", "[", "]"):
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:  # not one event per line after all: read it whole
+                f.seek(0)
+                yield from json.load(f)
+                return
+
+
+def _summarise(events: Iterable[dict], warmup: int) -> _Summary:
     durations: dict[str, list[float]] = defaultdict(list)
+    reorder_s, reorder_b = 0.0, 0
     for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+        if event.get("cat") != "Node":
             continue
-        durations[event["name"][: -len("_kernel_time")]].append(event["dur"] * 1e-6)
-    return {name: statistics.median(d[warmup:] or d) for name, d in durations.items()}
+        name = event.get("name", "")
+        if name.endswith("_kernel_time"):
+            durations[name[: -len("_kernel_time")]].append(event["dur"] * 1e-6)
+        args = event.get("args", {})
+        if args.get("op_name", "").startswith("Reorder"):
+            reorder_s += event["dur"] * 1e-6
+            reorder_b += int(args.get("output_size", 0))
+    kernels = {name: statistics.median(d[warmup:] or d) for name, d in durations.items()}
+    return _Summary(kernels, reorder_s, reorder_b)
 
 
-def _costs_from_events(info: GraphInfo, events: list[dict], warmup: int) -> np.ndarray:
+def _op_index(info: GraphInfo) -> dict[str, int]:
+    """Op name -> position; a constant-only op's name -> the position of its first consumer."""
+    index = {}
+    for i, op in enumerate(info.ops):
+        for c in op.attached:
+            index.setdefault(info.const_ops[c].name, i)
+    index.update({op.name: i for i, op in enumerate(info.ops)})
+    return index
+
+
+def _costs_from_kernels(info: GraphInfo, summary: _Summary) -> np.ndarray:
     costs = np.zeros(info.n_ops)
-    index = {node.name: i for i, node in enumerate(info.nodes)}
+    index = _op_index(info)
     unmatched = 0
-    for name, seconds in _kernel_medians(events, warmup).items():
+    for name, seconds in summary.kernels.items():
         if name not in index:
             unmatched += 1
             continue
-        costs[index[name]] = seconds
+        costs[index[name]] += seconds
     if unmatched:
-        log.info("%d profiled kernels did not map to a node", unmatched)
+        log.info("%d profiled kernels did not map to an op", unmatched)
     return costs
 
 
-def _deployed_costs(info: GraphInfo, basic: np.ndarray, events: list[dict], warmup: int) -> Costs:
-    """Share each ORT_ENABLE_ALL kernel's time over the nodes it stands for (see module doc)."""
-    kernels = _kernel_medians(events, warmup)
-    index = {node.name: i for i, node in enumerate(info.nodes)}
+def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: _Summary) -> Costs:
+    """Share each ORT_ENABLE_ALL kernel's time over the ops it stands for (see module doc)."""
+    index = _op_index(info)
     owner: dict[int, float] = defaultdict(float)
     spread_over_all = 0.0
-    for name, seconds in kernels.items():
+    for name, seconds in summary.kernels.items():
         tensor = name[: -len("_nchwc")] if name.endswith("_nchwc") else name
         position = index.get(name, info.producer.get(tensor, -1))
         if position < 0:
@@ -136,37 +207,25 @@ def _deployed_costs(info: GraphInfo, basic: np.ndarray, events: list[dict], warm
         group = _fused_group(info, position, owner, consumers)
         weights = basic[group] if basic[group].sum() > 0 else np.ones(len(group))
         costs[group] += seconds * weights / weights.sum()
-        # A cut inside the group leaves its nodes unfused: back to their BASIC cost.
+        # A cut inside the group leaves its ops unfused: back to their BASIC cost.
         unfused = max(0.0, float(basic[group].sum()) - seconds)
         enter[group[0] + 1: group[-1] + 1] += unfused
     if basic.sum() > 0:
         costs += spread_over_all * basic / basic.sum()
-    rate = _reorder_seconds_per_byte(events, warmup)
-    cut_bytes = np.array([info.crossing_bytes(k) for k in range(info.n_ops + 1)], dtype=float)
-    reorder = rate * cut_bytes
+    rate = summary.reorder_seconds / summary.reorder_bytes if summary.reorder_bytes else 0.0
+    reorder = rate * info.cut_bytes()
     enter += reorder
     leave = reorder.copy()
     enter[0] = 0.0
     leave[-1] = 0.0
-    return Costs(costs, enter, leave, "profile (ORT_ENABLE_ALL, mapped to nodes)")
-
-
-def _reorder_seconds_per_byte(events: list[dict], warmup: int) -> float:
-    """Seconds per byte of the layout reorders onnxruntime inserted (0 if it inserted none)."""
-    seconds, nbytes = 0.0, 0
-    for event in events:
-        args = event.get("args", {})
-        if event.get("cat") == "Node" and args.get("op_name", "").startswith("Reorder"):
-            seconds += event["dur"] * 1e-6
-            nbytes += int(args.get("output_size", 0))
-    return seconds / nbytes if nbytes else 0.0
+    return Costs(costs, enter, leave, "profile (ORT_ENABLE_ALL, mapped to ops)")
 
 
 def _consumers(info: GraphInfo) -> dict[int, set[int]]:
     """Node position -> positions of the nodes that read its outputs."""
     consumers: dict[int, set[int]] = defaultdict(set)
-    for i, node in enumerate(info.nodes):
-        for t in node.input:
+    for i, op in enumerate(info.ops):
+        for t in op.inputs:
             if info.producer.get(t, -1) >= 0:
                 consumers[info.producer[t]].add(i)
     return consumers
@@ -177,8 +236,8 @@ def _fused_group(info: GraphInfo, position: int, owners: dict[int, float],
     """`position` and the producers upstream that only it consumes and no kernel claims."""
     group, frontier = {position}, [position]
     while frontier:
-        node = info.nodes[frontier.pop()]
-        for t in node.input:
+        op = info.ops[frontier.pop()]
+        for t in op.inputs:
             q = info.producer.get(t, -1)
             if q >= 0 and q not in group and q not in owners and consumers[q] <= group:
                 group.add(q)
@@ -191,10 +250,10 @@ def estimate_costs(info: GraphInfo) -> Costs:
     costs = np.zeros(info.n_ops)
     inits = info.model.graph.initializer
     init_dims = {t.name: list(t.dims) for t in inits}
-    for i, node in enumerate(info.nodes):
-        flops = _node_flops(node, info, init_dims)
-        touched = sum(info.tensor_bytes(t) for t in list(node.input) + list(node.output) if t)
-        touched += sum(info.initializer_bytes[w] for w in info.node_weights[i])
+    for i, op in enumerate(info.ops):
+        flops = _node_flops(op.source, info, init_dims)
+        touched = sum(info.tensor_bytes(t) for t in [*op.inputs, *op.outputs])
+        touched += sum(info.constant_bytes[w] for w in op.weights)
         costs[i] = flops / NOMINAL_FLOPS + touched / NOMINAL_BYTES_PER_S
     return Costs.nodes_only(costs, "estimate (FLOPs + bytes)")
 

@@ -1,7 +1,8 @@
 """Check and time compiled bundles in this process: `verify` (the chain against the whole
-model, raising above a tolerance) and `measure_stages` (each bundle alone, on real activations).
-Both run bundles with the nodes' own engines (`defer.engines`) and route tensors with
-`defer.fidelity.run_chain`.
+model, raising above a tolerance), `measure_stages` (each bundle alone, on real activations)
+and `constant_sends` (which sent tensors are not activations: an audit of the bundles
+themselves, independent of how the compiler chose them). The first two run bundles with the
+nodes' own engines (`defer.engines`) and route tensors with `defer.fidelity.run_chain`.
 """
 
 from __future__ import annotations
@@ -56,3 +57,30 @@ def measure_stages(manifest: Manifest, feeds: dict[str, np.ndarray], runs: int =
             times.append(time.perf_counter() - start)
         medians.append(float(np.median(times)))
     return medians
+
+
+def constant_sends(manifest: Manifest) -> list[set[str] | None]:
+    """Per stage, the tensors it sends to the next stage that depend on no model input:
+    weights, or values computed only from weights. A correct plan sends none (the last stage's
+    model outputs are not checked: they are what the model returns). Read from the ONNX
+    bundles (weights not loaded); None for a stage whose format this audit does not read."""
+    from defer.compiler.graph import node_inputs
+
+    constant: set[str] = set()  # tensors received so far that are constants
+    result: list[set[str] | None] = []
+    for stage in manifest.stages:
+        if stage.format != "onnx":
+            result.append(None)
+            constant = set()
+            continue
+        graph = onnx.load(str(manifest.bundle_path(stage.index)), load_external_data=False).graph
+        live = {i.name for i in graph.input if i.name not in constant}
+        produced: set[str] = set()
+        for node in graph.node:
+            produced.update(node.output)
+            if any(t in live for t in node_inputs(node)):
+                live.update(node.output)
+        constant = {t for t in stage.sends
+                    if (t in produced and t not in live) or (t not in produced and t in constant)}
+        result.append(constant if stage.index < len(manifest.stages) - 1 else set())
+    return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from onnx import helper
 
 from defer.codecs import decode_tensor, encode_tensor, parse_codec
 from defer.compiler.graph import GraphInfo
-from defer.compiler.load import sample_inputs
+from defer.compiler.load import ort_session, sample_inputs
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,32 @@ def measure_wire(info: GraphInfo, codec: str, repeats: int = 3) -> WireCosts:
             enc_times.append(middle - start)
         sizes[name], enc[name], dec[name] = wire.nbytes, statistics.median(enc_times), \
             statistics.median(dec_times)
-    n = info.n_ops
-    costs = WireCosts(np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1))
-    for k in range(n + 1):
-        for t in info.crossing(k):
-            costs.cut_bytes[k] += sizes.get(t, info.tensor_bytes(t))
-            costs.encode[k] += enc.get(t, 0.0)
-            costs.decode[k] += dec.get(t, 0.0)
+    names = info.crossing_tensors()
+    encoded = np.array([sizes.get(t, info.tensor_bytes(t)) for t in names], dtype=float)
+    costs = WireCosts(*(_per_cut(info, names, per_tensor) for per_tensor in (
+        encoded, np.array([enc.get(t, 0.0) for t in names]),
+        np.array([dec.get(t, 0.0) for t in names]))))
     raw = sum(info.tensor_bytes(t) for t in values)
     log.info("codec %s: crossing tensors %.1f MB raw -> %.1f MB encoded on a sample input",
              codec, raw / 1e6, sum(sizes.values()) / 1e6)
     return costs
 
 
+def _per_cut(info: GraphInfo, names: list[str], values: np.ndarray) -> np.ndarray:
+    """(N+1,) sums of `values` over the tensors crossing each cut (a difference array)."""
+    diff = np.zeros(info.n_ops + 2)
+    first = np.array([info.producer[t] for t in names], dtype=np.int64) + 1
+    last = np.array([info.last_use[t] for t in names], dtype=np.int64) + 1
+    np.add.at(diff, first, values)
+    np.add.at(diff, last, -values)
+    return np.cumsum(diff)[: info.n_ops + 1]
+
+
 def _crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
     """Every tensor that crosses some cut, from one run of the whole model."""
     import onnxruntime as ort
 
-    names = sorted({t for k in range(info.n_ops + 1) for t in info.crossing(k)})
+    names = sorted(info.crossing_tensors())
     feeds = sample_inputs(info.model, batch=info.batch)
     probe = onnx.ModelProto()
     probe.CopyFrom(info.model)
@@ -75,8 +84,8 @@ def _crossing_values(info: GraphInfo) -> dict[str, np.ndarray]:
                               if t not in existing and t not in feeds)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="defer-wire-") as tmp:
+        session = ort_session(probe, options, tmp)
     wanted = [t for t in names if t not in feeds]
     values = dict(zip(wanted, session.run(wanted, feeds)))
     values.update({t: feeds[t] for t in names if t in feeds})

@@ -37,6 +37,14 @@ class Engine(Protocol):
         ...
 
 
+def available_engines() -> list[str]:
+    """The formats this machine can run, without importing their backends."""
+    import importlib.util
+
+    backends = {"onnx": "onnxruntime", "tflite": "ai_edge_litert"}
+    return [fmt for fmt, module in backends.items() if importlib.util.find_spec(module)]
+
+
 def detect_format(model: bytes | bytearray | memoryview | str | Path) -> str:
     """"tflite" for a TFLite flatbuffer (identifier TFL3), else "onnx"; a path by its suffix."""
     if isinstance(model, str | Path):

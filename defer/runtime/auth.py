@@ -1,16 +1,20 @@
-# Shared-token authentication for HELLO, sans-IO: nonces and HMAC-SHA256 proofs. The token never
-# crosses the wire. Both sides prove knowledge of it over both nonces, under different labels,
-# so a proof cannot be replayed on another connection nor reflected back at its sender:
-#
-#   client -> node   HELLO(role, challenge=Nc)
-#   node -> client   HELLO(challenge=Ns, response=HMAC(token, "node|role|Nc|Ns"))
-#   client -> node   HELLO(role, response=HMAC(token, "client|role|Nc|Ns"))
-#   node -> client   HELLO(bundle_sha256=...)                 (or ERROR, then close)
-#
-# Without a token the node answers the first HELLO with the last one directly. A client with a
-# token refuses a node that does not prove it knows it (no downgrade); a client without one is
-# refused by a node that has one. This authenticates the peer when the connection opens; only TLS
-# protects the frames that follow against reading or tampering on the path.
+"""Shared-token authentication for HELLO, sans-IO: nonces and HMAC-SHA256 proofs.
+
+The token never crosses the wire. Both sides prove knowledge of it over both nonces, under
+different labels, so a proof cannot be replayed on another connection nor reflected back at
+its sender:
+
+    client -> node   HELLO(role, challenge=Nc)
+    node -> client   HELLO(challenge=Ns, response=HMAC(token, "node|role|Nc|Ns"))
+    client -> node   HELLO(role, response=HMAC(token, "client|role|Nc|Ns"))
+    node -> client   HELLO(bundle_sha256=...)                 (or ERROR, then close)
+
+Without a token the node answers the first HELLO with the last one directly. A client with a
+token refuses a node that does not prove it knows it (no downgrade); a client without one is
+refused by a node that has one. This authenticates the peer when the connection opens; only
+TLS protects the frames that follow against reading or tampering on the path.
+"""
+
 from __future__ import annotations
 
 import hashlib

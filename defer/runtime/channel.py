@@ -1,21 +1,30 @@
-# An asyncio stream carrying defer frames: `recv() -> Message | None` (None = clean EOF) and
-# `send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`,
-# the proofs in `auth`. Each send writes one whole frame synchronously, so concurrent senders
-# never interleave frames. Also here, because both ends need them:
-# - the HELLO exchange with optional token authentication (`handshake` on the connecting side,
-#   `accept` on the node); an unauthenticated peer is held to HANDSHAKE_LIMITS;
-# - TLS contexts (`server_tls`, `client_tls`);
-# - `keepalive`: heartbeats and failure detection. It sends a heartbeat PING only when nothing
-#   else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
-#   the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read.
-#   It reads counters the channel keeps anyway: no work per request.
+"""An asyncio stream carrying defer frames: `recv() -> Message | None` (None = clean EOF) and
+`send(msg)`. The only place node and dispatcher touch sockets; framing lives in `protocol`, the
+proofs in `auth`. Each send writes one whole frame synchronously, so concurrent senders never
+interleave frames. Reading goes straight into each frame's body buffer (`_Receiver`).
+
+Also here, because both ends need them:
+- the HELLO exchange with optional token authentication (`handshake` on the connecting side,
+  `accept` on the node); an unauthenticated peer is held to HANDSHAKE_LIMITS;
+- TLS contexts (`server_tls`, `client_tls`);
+- `keepalive`: heartbeats and failure detection. It sends a heartbeat PING only when nothing
+  else was sent for one interval, and it aborts the connection (recording `dead_reason`) when
+  the peer stayed silent for DEAD_AFTER of its announced intervals while we waited to read. It
+  reads counters the channel keeps anyway: no work per request.
+- with `timing` on (traces), `frame_began`: when the frame `recv` just returned began to
+  arrive (wall clock): the first wake-up for it, or, if its bytes were already waiting (the
+  reader was busy), when `recv` was called.
+"""
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from pathlib import Path
+from typing import Any
 
 from defer.address import parse_address
 from defer.errors import AuthError, NodeError, ProtocolError, UsageError
@@ -37,7 +46,6 @@ STREAM_LIMIT = 4 << 20  # asyncio pauses reading at 2x this; tensors are megabyt
 READ_AHEAD = 256 * 1024  # stop reading once this much is received but not yet taken as frames
 DIRECT_WRITE = 64 * 1024  # frame parts this big go to the socket as they are, never joined
 DEAD_AFTER = 3  # a peer silent for this many of its heartbeat intervals is dead
-DEFAULT_HEARTBEAT = 0.5  # seconds: a dead or hung peer is noticed within 3 x 0.5 s + a tick
 
 
 def server_tls(cert: str | Path, key: str | Path) -> ssl.SSLContext:
@@ -140,7 +148,12 @@ class Channel:
         self.bytes_out = 0
         self.waiting = False  # True while recv() waits on the socket
         self.peer_heartbeat = 0.0  # seconds the peer promised between frames (0 = none)
+        self.clock_offset = 0.0  # the peer's wall clock minus ours, estimated at HELLO
+        self.peer_info: dict[str, Any] = {}  # the node's facts from its HELLO
         self.dead_reason: str | None = None  # why keepalive or an owner aborted it
+        self.timing = False  # record frame_began (traces)
+        self.frame_began = 0.0
+        self._seen = 0  # bytes received when recv last took a frame
         self._receiver = _Receiver(self.decoder, writer.transport.get_protocol())
         # Bytes the StreamReader got before the take-over (none when built in the server's
         # connection callback: nothing is read before it returns).
@@ -183,11 +196,16 @@ class Channel:
     async def recv(self) -> Message | None:
         """The next message, or None at a clean EOF. ProtocolError on a malformed frame.
         Heartbeats (PING with request id 0) are consumed here and never returned."""
+        began = time.time() if self.timing and self._receiver.received != self._seen else 0.0
         while True:
             msg = self.decoder.next()
             if msg is not None:
+                self._seen = self._receiver.received
                 if msg.TYPE is MsgType.PING and msg.request_id == 0:
+                    began = 0.0
                     continue
+                if self.timing:
+                    self.frame_began = began or time.time()
                 return msg
             if self.decoder.eof:
                 return None
@@ -198,6 +216,8 @@ class Channel:
                 await self._receiver.wait()
             finally:
                 self.waiting = False
+            if self.timing and not began:
+                began = time.time()
 
     def write(self, msg: Message) -> None:
         """Queue one whole frame without waiting for the socket. ConnectionResetError once
@@ -250,6 +270,7 @@ class Channel:
         """The connecting side: send HELLO, prove the token if the node asks, return the node's
         final HELLO. AuthError when either side cannot prove the token."""
         nonce, beat = auth.new_nonce(), round(heartbeat * 1000)
+        sent = time.time()
         await self.send(Hello(role=role, node_id=node_id, challenge=nonce, heartbeat_ms=beat))
         reply = await self._hello_reply(timeout, "HELLO")
         if reply.challenge is None and token is not None:
@@ -264,10 +285,14 @@ class Channel:
                 raise AuthError(f"node {self.peer} could not prove it holds our token; the "
                                 "tokens differ", node=self.peer)
             answer = auth.proof(token, "client", role, nonce, reply.challenge)
+            sent = time.time()
             await self.send(Hello(role=role, node_id=node_id, response=answer,
                                   heartbeat_ms=beat))
             reply = await self._hello_reply(timeout, "authentication")
         self.peer_heartbeat = reply.heartbeat_ms / 1000
+        # the peer's clock minus ours, assuming its HELLO left half way through the round trip
+        self.clock_offset = reply.clock - (sent + time.time()) / 2
+        self.peer_info = reply.info or {}
         return reply
 
     async def _hello_reply(self, timeout: float, during: str) -> Hello:
@@ -281,7 +306,8 @@ class Channel:
         return msg  # type: ignore[return-value]
 
     async def accept(self, node_id: str, token: str | None, bundle_sha256: str | None,
-                     timeout: float, heartbeat: float = 0.0) -> Hello:
+                     timeout: float, heartbeat: float = 0.0,
+                     info: dict[str, Any] | None = None) -> Hello:
         """The node's side: take the peer's HELLO, demand the token proof if we have a token,
         answer with our HELLO, lift the handshake limits. AuthError (after telling the peer)
         if it cannot prove the token; ProtocolError for anything but HELLO."""
@@ -299,7 +325,8 @@ class Channel:
             if not (isinstance(answer, Hello) and answer.role == hello.role and auth.check(
                     token, "client", hello.role, hello.challenge, nonce, answer.response)):
                 await self._refuse(node_id, "authentication failed: wrong or missing token")
-        await self.send(Hello(node_id=node_id, bundle_sha256=bundle_sha256, heartbeat_ms=beat))
+        await self.send(Hello(node_id=node_id, bundle_sha256=bundle_sha256, heartbeat_ms=beat,
+                              info=info))
         self.peer_heartbeat = hello.heartbeat_ms / 1000
         self.decoder.limits = DEFAULT_LIMITS
         return hello

@@ -1,52 +1,47 @@
-# One edge node (`defer serve`): an asyncio server that runs one stage bundle with onnxruntime.
-# The dispatcher's control connection brings HELLO/LOAD/CONFIGURE/STATS/PING/SHUTDOWN, and the
-# inputs when this is stage 0; the previous node's data connection brings INFER otherwise.
-# Received requests wait in a bounded queue, onnxruntime (plus codec work) runs in ONE worker
-# thread, results wait in a bounded send queue for the next node (or, on the last stage, the
-# dispatcher). Full queues stop reading the socket: that is the backpressure. Forwarded tensors
-# are passed on as received bytes, never decoded.
-# Hardening: a peer must complete HELLO (with the token proof when the node has a token) before
-# anything else is read, and until then it may send only small frames; a malformed frame, a
-# failed proof or an internal error closes only that connection, with a logged reason; received
-# tensors are checked against the bundle's inputs (dtype, shape) before onnxruntime sees them.
-# Every connection runs `Channel.keepalive`. A CONFIGURE starts a new wiring: work queued under
-# the old one is dropped (the dispatcher replays what has no result). When the next hop is lost,
-# the node tells the dispatcher once (ERROR, request id 0, naming the lost node) and drops what it
-# cannot send; it never fails requests for a transport fault, since the dispatcher may replay them.
+"""One edge node (`defer serve`): an asyncio server that runs one stage bundle.
+
+Connections and lifecycle live here; the work itself is `pipeline.py` (queues, one engine thread,
+backpressure) running `stage.run_stage`. The dispatcher's control connection brings
+HELLO/LOAD/CONFIGURE/STATS/PING/SHUTDOWN, and the inputs when this is stage 0; the previous
+node's data connection brings INFER otherwise. Forwarded tensors are passed on as received bytes.
+Hardening: a peer must complete HELLO (with the token proof when the node has a token) before
+anything else is read, and until then it may send only small frames; a malformed frame, a failed
+proof or an internal error closes only that connection, with a logged reason; received tensors
+are checked against the bundle's inputs before the engine sees them. Every connection runs
+`Channel.keepalive`. A CONFIGURE starts a new wiring: work queued under the old one is dropped
+(the dispatcher replays what has no result). When the next hop is lost, the node tells the
+dispatcher once (ERROR, request id 0, naming the lost node) and drops what it cannot send; it
+never fails requests for a transport fault, since the dispatcher may replay them. The newest
+dispatcher wins: a second dispatcher's HELLO ends the first one's session (use a token).
+Once listening, `defer serve` prints READY_PREFIX + HOST:PORT on stdout.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import os
-import time
-from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from defer.codecs import decode_tensor, encode_tensor, parse_codec
-from defer.engines import Engine, load_engine
+from defer import __version__
+from defer.address import format_address
+from defer.codecs import parse_codec
+from defer.engines import available_engines, load_engine
 from defer.errors import (
     AuthError,
     DeferError,
-    InputError,
     ManifestError,
-    NodeError,
     ProtocolError,
     StartupError,
     UsageError,
 )
 from defer.manifest import sha256_bytes
-from defer.runtime.channel import (
-    DEFAULT_HEARTBEAT,
-    STREAM_LIMIT,
-    Channel,
-    client_tls,
-    server_tls,
-)
+from defer.runtime.channel import STREAM_LIMIT, Channel, client_tls, server_tls
+from defer.runtime.http import NodeHTTP
+from defer.runtime.options import NodeConfig
+from defer.runtime.pipeline import Pipeline
 from defer.runtime.protocol import (
     HANDSHAKE_LIMITS,
     Ack,
@@ -61,78 +56,28 @@ from defer.runtime.protocol import (
     Shutdown,
     Stats,
 )
-from defer.tensors import check_tensor
+from defer.runtime.stage import StageCounters, memory_available
 
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "defer node listening on "  # + HOST:PORT: the line `defer serve` prints when ready
 
 
-@dataclass
-class NodeConfig:
-    """How to run a node. `port=0` picks a free port; `cpu` pins the process to that core.
-
-    `token`: peers must prove they hold it (HMAC challenge-response in HELLO). `tls_cert` +
-    `tls_key`: serve TLS. `tls_ca`: verify the next hop's TLS certificate against this CA.
-    `heartbeat`: seconds between heartbeats on an idle connection (0 = none).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 7000
-    bundle: Path | None = None
-    threads: int = 1
-    cpu: int | None = None
-    queue_size: int = 4
-    drain_timeout: float = 10.0
-    connect_timeout: float = 10.0
-    token: str | None = field(default=None, repr=False)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    heartbeat: float = DEFAULT_HEARTBEAT
-    max_connections: int = 64
-
-
-class _Counters:
-    """What STATS reports. Written by the loop and the worker thread, each its own fields."""
-
-    def __init__(self) -> None:
-        self.requests = self.errors = 0
-        self.busy_s = self.decode_s = self.encode_s = 0.0
-        self.bytes_in: Counter[str] = Counter()
-        self.bytes_out: Counter[str] = Counter()
-        self.raw_out = 0  # what bytes_out would be with the raw codec
-        self.queue_max = 0
-        self.refused = 0  # connections closed for a bad HELLO, token, frame or over the limit
-        self.started = time.monotonic()
-
-
 class Node:
     def __init__(self, config: NodeConfig):
-        self.config = config
-        self.node_id = f"{config.host}:{config.port}"
-        self._engine: Engine | None = None
+        self.config = config = config.checked()
+        self.node_id = format_address(config.host, config.port)
+        self.counters = StageCounters()
+        self.pipeline = Pipeline(self.node_id, config.queue_size, self.counters)
         self._sha: str | None = None
-        self._plan: Configure | None = None
-        self._generation = 0  # bumped per dispatcher session; stale work is dropped
         self._control: Channel | None = None
         self._downstream: Channel | None = None
-        self._compute_q: asyncio.Queue[tuple[int, Infer]] = asyncio.Queue(config.queue_size)
-        self._send_q: asyncio.Queue[tuple[int, Message]] = asyncio.Queue(config.queue_size)
-        self._in_worker = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defer-ort")
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._connections = 0
-        self._server_tls = self._client_tls = None
-        if (config.tls_cert is None) != (config.tls_key is None):
-            raise UsageError("TLS needs both --tls-cert and --tls-key")
-        if config.tls_cert is not None:
-            self._server_tls = server_tls(config.tls_cert, config.tls_key)
-        if config.tls_ca is not None:
-            self._client_tls = client_tls(config.tls_ca)
-        self.counters = _Counters()
+        self._server_tls = server_tls(config.tls_cert, config.tls_key) \
+            if config.tls_cert is not None else None
+        self._client_tls = client_tls(config.tls_ca) if config.tls_ca is not None else None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -140,29 +85,47 @@ class Node:
         """Stop accepting, drain in-flight requests, exit. Safe from a signal handler."""
         self._stop.set()
 
-    async def serve(self, on_ready: Callable[[str, int], None] | None = None) -> None:
-        """Serve until request_stop() or SHUTDOWN; calls on_ready(host, port) once listening."""
+    async def serve(self, on_ready: Callable[[str, str | None], None] | None = None) -> None:
+        """Serve until request_stop() or SHUTDOWN; once listening, calls
+        on_ready(address, http address or None)."""
         try:
             if self.config.bundle is not None:
                 await self._load_file(self.config.bundle)
             server = await self._listen()  # outside the group: a StartupError stays itself
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._spawn(self._compute_loop())
-                self._spawn(self._send_loop())
+                workers = [self._spawn(self.pipeline.compute_loop()),
+                           self._spawn(self.pipeline.send_loop(self._route,
+                                                               self._lose_downstream))]
                 await server.start_serving()
                 host, port = server.sockets[0].getsockname()[:2]
-                self.node_id = f"{host}:{port}"
-                log.info("node %s listening (bundle %s, %s, %s)", self.node_id,
+                self.node_id = self.pipeline.node_id = format_address(host, port)
+                http = self._start_http()
+                log.info("node %s listening (bundle %s, %s, %s%s)", self.node_id,
                          self._sha or "none yet", "TLS" if self._server_tls else "plain TCP",
-                         "token required" if self.config.token else "no token")
+                         "token required" if self.config.token else "no token",
+                         f", http {format_address(*http.address)}" if http else "")
                 if on_ready is not None:
-                    on_ready(host, port)
-                await self._stop.wait()
+                    on_ready(self.node_id, format_address(*http.address) if http else None)
+                try:
+                    await self._stop.wait()
+                finally:
+                    if http is not None:
+                        http.stop()
                 server.close()
-                await self._drain()
+                await self._drain(workers)
         finally:
-            self._executor.shutdown(wait=True)
+            self.pipeline.close()
+
+    def _start_http(self) -> NodeHTTP | None:
+        if self.config.http_port is None:
+            return None
+        http = NodeHTTP(self.config.host, self.config.http_port, self._snapshot)
+        http.start()
+        return http
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {**self.stats(), "ready": self.pipeline.engine is not None, "bundle": self._sha}
 
     async def _load_file(self, path: Path) -> None:
         try:
@@ -186,27 +149,21 @@ class Node:
             raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
                                f"{err.strerror or err}; pick another --port (0 = any free)") from None
 
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.config.drain_timeout
-        while (self._compute_q.qsize() or self._send_q.qsize() or self._in_worker) \
-                and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        left = self._compute_q.qsize() + self._send_q.qsize() + self._in_worker
+    async def _drain(self, workers: list[asyncio.Task]) -> None:
+        left = await self.pipeline.drain(self.config.drain_timeout)
         for chan in (self._control, self._downstream):
             if chan is not None:
                 await chan.close()
-        busy = [t for t in self._tasks if not t.done()]
+        busy = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+                and not t.done()]
         for task in busy:
             task.cancel()
         log.info("node %s stopped: %d requests served, %d left undrained, %d tasks cancelled",
-                 self.node_id, self.counters.requests, left, len(busy))
+                 self.node_id, self.counters.requests, left, len(busy) - len(workers))
 
     def _spawn(self, coro) -> asyncio.Task:
         assert self._tg is not None
-        task = self._tg.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tg.create_task(coro)
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -225,16 +182,20 @@ class Node:
     async def _connection(self, chan: Channel) -> None:
         try:
             hello = await chan.accept(self.node_id, self.config.token, self._sha,
-                                      self.config.connect_timeout, self.config.heartbeat)
+                                      self.config.connect_timeout, self.config.heartbeat,
+                                      info=self.facts())
             if hello.role == "dispatcher" and self._control is not None:
                 self._replace_dispatcher(chan)
             self._spawn(chan.keepalive(self.config.heartbeat))
+            chan.timing = self.pipeline.tracing  # an upstream connects once we are configured
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
             else:
                 await self._data_loop(chan)
             if chan.dead_reason:
                 log.warning("dropped connection from %s: %s", chan.peer, chan.dead_reason)
+                if chan.dead_reason.startswith("silent"):
+                    self.counters.heartbeats_missed += 1
         except (AuthError, ProtocolError) as err:
             self.counters.refused += 1
             log.warning("closing connection from %s: %s", chan.peer, err)
@@ -253,16 +214,16 @@ class Node:
         while (msg := await chan.recv()) is not None:
             if not isinstance(msg, Infer):
                 raise ProtocolError(f"data connection carries INFER only, got {msg.TYPE.name}")
-            await self._enqueue(msg)
+            await self.pipeline.put(msg, chan.frame_began)
 
     async def _control_loop(self, chan: Channel) -> None:
         self._control = chan
-        self._generation += 1
+        self.pipeline.rewire()
         log.info("dispatcher %s connected", chan.peer)
         while (msg := await chan.recv()) is not None:
             match msg:
                 case Infer():
-                    await self._enqueue(msg)
+                    await self.pipeline.put(msg, chan.frame_began)
                 case Load():
                     await self._reply(chan, msg, self._on_load(msg))
                 case Configure():
@@ -282,7 +243,9 @@ class Node:
             what = await action
         except (DeferError, TimeoutError, OSError) as err:
             reason = str(err) or f"{type(err).__name__} while handling {msg.TYPE.name}"
-            await chan.send(Error(request_id=msg.request_id, reason=reason, node=self.node_id))
+            code = err.exit_code if isinstance(err, DeferError) else 1
+            await chan.send(Error(request_id=msg.request_id, reason=reason, node=self.node_id,
+                                  code=code))
         else:
             await chan.send(Ack(request_id=msg.request_id, what=what))
 
@@ -297,8 +260,8 @@ class Node:
 
     def _end_session(self) -> None:
         log.info("dispatcher %s disconnected; dropping its chain", self._control.peer)
-        self._control, self._plan = None, None
-        self._generation += 1
+        self._control = None
+        self.pipeline.rewire()
         self._drop_downstream("the dispatcher left")
 
     def _drop_downstream(self, reason: str) -> None:
@@ -334,10 +297,11 @@ class Node:
 
     async def _install(self, data: bytes | memoryview, sha: str) -> None:
         loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(self._executor, load_engine, bytes(data),
+        engine = await loop.run_in_executor(self.pipeline.executor, load_engine, bytes(data),
                                             self.config.threads)
-        self._engine, self._sha, self._plan = engine, sha, None
-        log.info("loaded bundle %s (%d bytes)", sha[:12], len(data))
+        self.pipeline.rewire()
+        self.pipeline.engine, self._sha = engine, sha
+        log.info("loaded bundle %s (%d bytes, %s)", sha[:12], len(data), engine.format)
 
     async def _on_load(self, msg: Load) -> str:
         sha = sha256_bytes(msg.bundle)
@@ -347,12 +311,13 @@ class Node:
         return "load"
 
     async def _on_configure(self, msg: Configure) -> str:
-        if self._engine is None:
+        engine = self.pipeline.engine
+        if engine is None:
             raise ManifestError(f"node {self.node_id} has no bundle; push one with LOAD or "
                                 "start it with `defer serve BUNDLE`")
         parse_codec(msg.codec)
-        inputs = {i.name for i in self._engine.inputs}
-        outputs = {o.name for o in self._engine.outputs}
+        inputs = {i.name for i in engine.inputs}
+        outputs = {o.name for o in engine.outputs}
         for what, names, pool in (("consumes", inputs, msg.receives),
                                   ("forwards", msg.forward, msg.receives),
                                   ("sends", msg.outputs, outputs)):
@@ -360,8 +325,7 @@ class Node:
             if missing:
                 raise ManifestError(f"stage {msg.stage}: bundle {what} {sorted(missing)} that "
                                     "the plan does not provide; manifest and bundle disagree")
-        self._generation += 1  # a new wiring: queued work is dropped, the dispatcher replays it
-        self._plan = None
+        self.pipeline.rewire()  # queued work is dropped: the dispatcher replays it
         self._drop_downstream("rewired")
         if msg.next_hop != "dispatcher":
             chan = await Channel.connect(msg.next_hop, self.config.connect_timeout,
@@ -374,114 +338,36 @@ class Node:
                 raise
             self._downstream = chan
             self._spawn(self._watch_downstream(chan))
-        self._plan = msg
+        self.pipeline.rewire(msg)
+        if self._control is not None:
+            self._control.timing = msg.trace
         log.info("configured as stage %d/%d, next hop %s, codec %s", msg.stage, msg.n_stages,
                  msg.next_hop, msg.codec)
         return "configure"
 
     def stats(self) -> dict[str, Any]:
-        c = self.counters
-        return {
-            "node": self.node_id, "stage": self._plan.stage if self._plan else None,
-            "requests": c.requests, "errors": c.errors, "busy_s": c.busy_s,
-            "decode_s": c.decode_s, "encode_s": c.encode_s, "cpu_s": time.process_time(),
-            "wall_s": time.monotonic() - c.started, "bytes_in": dict(c.bytes_in),
-            "bytes_out": dict(c.bytes_out), "raw_out": c.raw_out, "queue_depth": self._compute_q.qsize(),
-            "queue_max": c.queue_max, "send_queue_depth": self._send_q.qsize(),
-            "refused": c.refused, "connections": self._connections,
-        }
+        plan = self.pipeline.plan
+        return self.counters.snapshot(node=self.node_id, stage=plan.stage if plan else None,
+                                      connections=self._connections, **self.pipeline.depths())
 
-    # --- the pipeline -----------------------------------------------------------------------
+    def facts(self) -> dict[str, Any]:
+        """What this node tells a peer in its HELLO: enough to check it can serve a stage."""
+        return {"defer": __version__, "cores": len(os.sched_getaffinity(0)),
+                "threads": self.config.threads, "memory_available": memory_available(),
+                "engines": available_engines(),
+                "engine": self.pipeline.engine.format if self.pipeline.engine else None}
 
-    async def _enqueue(self, msg: Infer) -> None:
-        for t in msg.tensors:
-            self.counters.bytes_in[t.codec] += t.nbytes
-        await self._compute_q.put((self._generation, msg))
-        self.counters.queue_max = max(self.counters.queue_max, self._compute_q.qsize())
-
-    async def _compute_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            generation, msg = await self._compute_q.get()
-            plan, engine = self._plan, self._engine
-            if generation != self._generation or plan is None or engine is None:
-                log.debug("dropping request %d: queued under an old wiring", msg.request_id)
-                continue
-            self._in_worker += 1  # until it is in the send queue, so a drain waits for it
-            try:
-                out = await loop.run_in_executor(self._executor, self._run_stage, plan,
-                                                 engine, msg)
-            except DeferError as err:
-                self.counters.errors += 1
-                log.warning("request %d failed: %s", msg.request_id, err)
-                out = Error(request_id=msg.request_id, reason=str(err), node=self.node_id)
-            except Exception as err:  # a bug must fail one request, never the node
-                self.counters.errors += 1
-                log.exception("request %d: internal error", msg.request_id)
-                out = Error(request_id=msg.request_id, node=self.node_id,
-                            reason=f"internal error at stage {plan.stage}: {err!r:.200}")
-            try:
-                await self._send_q.put((generation, out))
-            finally:
-                self._in_worker -= 1
-
-    def _run_stage(self, plan: Configure, engine: Engine, msg: Infer) -> Message:
-        """Worker thread: check and decode what onnxruntime consumes, run it, encode, forward."""
-        c, t0 = self.counters, time.perf_counter()
-        received = {t.name: t for t in msg.tensors}
-        if received.keys() != plan.receives_set:
-            raise InputError(f"stage {plan.stage} expects tensors {sorted(plan.receives)}, "
-                             f"got {sorted(received)}")
-        for spec in engine.inputs:
-            tensor = received[spec.name]
-            check_tensor(spec, tensor.dtype, tensor.shape,
-                         f"stage {plan.stage}: tensor {spec.name!r}", arrived=True)
-        feeds = {spec.name: decode_tensor(received[spec.name]) for spec in engine.inputs}
-        t1 = time.perf_counter()
-        try:
-            arrays = engine.run(plan.outputs, feeds)
-        except Exception as err:  # noqa: BLE001 - onnxruntime's errors share no base class
-            raise NodeError(f"onnxruntime failed at stage {plan.stage}: {err}",
-                            node=self.node_id) from None
-        t2 = time.perf_counter()
-        codec = parse_codec(plan.codec)
-        tensors = [encode_tensor(name, a, codec) for name, a in zip(plan.outputs, arrays)]
-        tensors += [received[name] for name in plan.forward]
-        c.decode_s += t1 - t0
-        c.busy_s += t2 - t1
-        c.encode_s += time.perf_counter() - t2
-        c.requests += 1
-        last = plan.next_hop == "dispatcher"
-        return (Result if last else Infer)(request_id=msg.request_id, tensors=tuple(tensors))
-
-    async def _send_loop(self) -> None:
-        while True:
-            generation, msg = await self._send_q.get()
-            if generation != self._generation:
-                continue
-            to_dispatcher = isinstance(msg, Result | Error)
-            chan = self._control if to_dispatcher else self._downstream
-            if chan is None or chan.closing:
-                log.debug("dropping request %d: nowhere to send it", msg.request_id)
-                continue
-            try:
-                await chan.send(msg)
-            except OSError as err:
-                if not to_dispatcher:
-                    self._lose_downstream(chan, str(err) or type(err).__name__)
-                continue
-            if isinstance(msg, Infer | Result):
-                for t in msg.tensors:
-                    self.counters.bytes_out[t.codec] += t.nbytes
-                    self.counters.raw_out += t.raw_nbytes
+    def _route(self, msg: Message) -> Channel | None:
+        """Where a result goes: RESULT and ERROR to the dispatcher, INFER to the next hop."""
+        return self._control if isinstance(msg, Result | Error) else self._downstream
 
 
-def run_node(config: NodeConfig, on_ready: Callable[[str, int], None] | None = None) -> None:
+def run_node(config: NodeConfig, on_ready: Callable[[str, str | None], None] | None = None,
+             ) -> None:
     """Run a node until SIGINT/SIGTERM/SHUTDOWN (pins to `config.cpu` first); returns cleanly."""
     import signal
 
-    if config.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {config.threads}")
+    config = config.checked()
     if config.cpu is not None:
         allowed = os.sched_getaffinity(0)
         if config.cpu not in allowed:

@@ -1,6 +1,8 @@
-# The measures a run reports (DESIGN.md "Measures"), computed the same way every time from the
-# dispatcher's own timings and the nodes' STATS counters, plus a plain-text rendering of them.
-# Energy is an estimate: CPU-seconds x an assumed power per busy core, and says so.
+"""The measures a run reports (DESIGN.md "Measures"), computed the same way every time from the
+dispatcher's own timings and the nodes' STATS counters, plus a plain-text rendering of them.
+Energy is an estimate: CPU-seconds x an assumed power per busy core, and says so.
+"""
+
 from __future__ import annotations
 
 from typing import Any
