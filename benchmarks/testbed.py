@@ -85,7 +85,8 @@ class Fleet:
             nodes: list = []
             self._stack.callback(stop_processes, nodes)  # runs before the groups go
             for stage, device, host in zip(self.manifest.stages, self.devices, hosts):
-                prefix = (host.command([]) if host else []) + device.command()
+                # the cgroup first: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup
+                prefix = device.command() + (host.command([]) if host else [])
                 nodes.append(start_node(self.manifest.bundle_path(stage.index),
                                         host=host.address if host else "127.0.0.1",
                                         command_prefix=tuple(prefix)))
