@@ -138,6 +138,8 @@ def _plot(results: dict, out: Path) -> None:
         ax.set_title("ResNet50 n=2: bytes on the hop by codec")
         fig.tight_layout()
         fig.savefig(out / "codecs.png", dpi=100)
+    if results.get("testbed") and "skipped" not in results["testbed"]:
+        testbed.plot(results["testbed"], out / "testbed.png", plt)
     print(f"plots in {out}")
 
 

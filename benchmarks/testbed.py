@@ -235,6 +235,29 @@ def render(result: dict) -> str:
                   "predicted", "of predicted", "CPU/inf vs single"], rows)
 
 
+def plot(result: dict, path: Path, plt) -> None:
+    """Speed-up against device count: measured (median, min..max) and predicted, the ideal
+    line, and DEFER's 8-device point."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    top = max(r["devices"] for r in result.values())
+    ax.plot([1, top], [1, top], "k:", label="ideal (x devices)")
+    for r in result.values():
+        link = f", {r['link_mbit']:g} Mbit/s" if r["link_mbit"] else ""
+        s = r["speedup"]
+        ax.errorbar([r["devices"]], [s["median"]], fmt="o", capsize=4,
+                    yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
+                    label=f"measured, {r['cores']:g} core each{link}")
+        ax.plot([r["devices"]], [r["predicted"]], "x", markersize=9,
+                label=f"predicted, {r['cores']:g} core each{link}")
+    ax.plot([DEFER_PAPER[0]], [DEFER_PAPER[1]], "s", color="grey", label="DEFER paper (x1.53)")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("throughput / one device with the same cap")
+    ax.set_title("ResNet50 on CPU-capped emulated devices")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def _single_main(model: str, count: int) -> None:
     """The single device's process: load, say ready, time `count` inferences per request."""
     from defer.engines import load_engine
