@@ -350,3 +350,93 @@ def test_mutated_frames_parse_or_raise_protocol_error(index, mutations, chunk):
 def test_truncated_or_spliced_frames_parse_or_raise_protocol_error(index, cut, junk):
     frame = p.encode(CASES[index])
     _parse_everything(frame[: len(frame) - cut % len(frame)] + junk, 7)
+
+
+# --- receiving in place: get_buffer()/buffer_updated(n), what a socket reader does ------------
+
+def _receive(decoder: p.Decoder, data: bytes, piece: int) -> list[p.Message]:
+    """Deliver `data` as `recv_into(decoder.get_buffer())` would, at most `piece` bytes a call."""
+    got, i = [], 0
+    while i < len(data):
+        buffer = decoder.get_buffer()
+        n = min(len(buffer), piece, len(data) - i)
+        buffer[:n] = data[i: i + n]
+        decoder.buffer_updated(n)
+        i += n
+        got += _decode_all(decoder)
+    return got
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_round_trip_received_in_place(msg, piece):
+    frame = p.encode(msg)
+    decoder = p.Decoder()
+    assert [_same(m, msg) for m in _receive(decoder, frame + frame + frame[:5], piece)] \
+        == [True, True]
+    assert [_same(m, msg) for m in _receive(decoder, frame[5:], piece)] == [True]
+    decoder.feed_eof()
+    assert decoder.next() is None and decoder.eof
+
+
+def test_a_body_is_received_where_its_tensors_are_read_from():
+    big = p.Infer(request_id=1, tensors=(_tensor("x", np.arange(300_000, dtype=np.float32)),))
+    frame = p.encode(big)
+    decoder = p.Decoder()
+    buffer = decoder.get_buffer()
+    buffer[:40] = frame[:40]  # the header and a little more: now the body exists
+    decoder.buffer_updated(40)
+    body = decoder.get_buffer()
+    assert len(body) == len(frame) - 40  # exactly the rest of this frame, never the next one
+    body[:] = frame[40:]
+    decoder.buffer_updated(len(body))
+    msg = decoder.next()
+    assert _same(msg, big)
+    assert np.shares_memory(np.frombuffer(msg.tensors[0].data, np.uint8), np.asarray(body))
+
+
+def test_a_frame_buffer_is_reused_only_once_nothing_refers_to_it():
+    x = np.arange(300_000, dtype=np.float32)
+    frames = [p.encode(p.Infer(request_id=i, tensors=(_tensor("x", x * i),))) for i in (1, 2, 3)]
+    decoder = p.Decoder()
+    first = np.frombuffer(_receive(decoder, frames[0], 1 << 20)[0].tensors[0].data, np.float32)
+    second = _receive(decoder, frames[1], 1 << 20)[0]
+    assert np.array_equal(first, x) and not np.shares_memory(first, second.tensors[0].data)
+    kept = first.ctypes.data
+    del first
+    third = _receive(decoder, frames[2], 1 << 20)[0]
+    assert np.frombuffer(third.tensors[0].data, np.float32).ctypes.data == kept
+    assert np.array_equal(np.frombuffer(second.tensors[0].data, np.float32), x * 2)
+
+
+def test_a_bad_header_received_in_place_raises_from_next_not_from_get_buffer():
+    decoder = p.Decoder()
+    buffer = decoder.get_buffer()
+    buffer[:32] = b"XXXX" + bytes(28)
+    decoder.buffer_updated(32)
+    decoder.get_buffer()  # parses that header: a socket reader's callback must not blow up
+    with pytest.raises(ProtocolError, match="magic"):
+        decoder.next()
+
+
+def _receive_everything(data: bytes, piece: int) -> None:
+    decoder = p.Decoder(p.Limits(metadata=4096, tensor=1 << 16, frame=1 << 18, segments=64))
+    try:
+        _receive(decoder, data, piece)
+        decoder.feed_eof()
+        while decoder.next() is not None:
+            pass
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.sampled_from(range(len(CASES))), st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(1, 64), st.binary(max_size=40))
+def test_mutated_frames_received_in_place_parse_or_raise_protocol_error(index, mutations,
+                                                                         piece, junk):
+    frame = bytearray(p.encode(CASES[index]))
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    _receive_everything(bytes(frame) + junk, piece)
