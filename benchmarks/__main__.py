@@ -2,7 +2,8 @@
 
 Prints each scenario's table as it finishes, then writes all figures as JSON (and PNG plots
 when matplotlib is installed) to benchmarks/results/. Runs as root for the network scenario;
-without root or `ip netns` that scenario says it was skipped.
+without root or `ip netns` that scenario says it was skipped. `testbed` needs writable cgroups
+(the cpu controller) the same way; `hopcost` measures what a node spends beyond onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compute, gateway, network, overhead, partition, tflite, trace
+from benchmarks import (
+    compute,
+    gateway,
+    hopcost,
+    network,
+    overhead,
+    partition,
+    testbed,
+    tflite,
+    trace,
+)
 from benchmarks.common import Context
 
-SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace", "tflite")
+SCENARIOS = ("compute", "partition", "overhead", "network", "gateway", "trace", "tflite",
+             "hopcost", "testbed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +73,8 @@ def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]
     results, tables = {}, []
     if set(only) - {"tflite"}:  # the ONNX scenarios share one load
         ctx.log("loading ResNet50 (built once, converted with tf2onnx)...")
-        loaded = load_model(example_onnx("resnet50"))
+        model_path = example_onnx("resnet50")
+        loaded = load_model(model_path)
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(ctx.count + 5)]
     if "compute" in only:
         ctx.log("scenario 1+5: compute-bound speed-up and energy")
@@ -94,6 +107,14 @@ def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]
         ctx.log("scenario 8: TFLite chains and the 2-node speed-up under LiteRT")
         results["tflite"] = tflite.run(ctx)
         tables.append(tflite.render(results["tflite"]))
+    if "hopcost" in only:
+        ctx.log("scenario 9: CPU a node spends beyond onnxruntime (n=2, n=8)")
+        results["hopcost"] = hopcost.run(ctx, loaded, samples)
+        tables.append(hopcost.render(results["hopcost"]))
+    if "testbed" in only:
+        ctx.log("scenario 10: emulated edge testbed (cgroup-capped devices)")
+        results["testbed"] = testbed.run(ctx, loaded, samples, model_path)
+        tables.append(testbed.render(results["testbed"]))
     return results, tables
 
 
@@ -132,6 +153,8 @@ def _plot(results: dict, out: Path) -> None:
         ax.set_title("ResNet50 n=2: bytes on the hop by codec")
         fig.tight_layout()
         fig.savefig(out / "codecs.png", dpi=100)
+    if results.get("testbed") and "skipped" not in results["testbed"]:
+        testbed.plot(results["testbed"], out / "testbed.png", plt)
     print(f"plots in {out}")
 
 

@@ -7,7 +7,8 @@ node, node i pinned to core i % cores), raw codec. For each node and inference:
 - `ort_ms`: the same stage bundle timed alone in this process (thread CPU time, median);
 - `overhead_ms` = cpu_ms - ort_ms: what the hop costs the node beyond onnxruntime.
 Against the whole model in one process (pinned, one thread): the chain's CPU-seconds per
-inference over the single process's. Thread clocks are read from outside the nodes
+inference over the single process's. Then `hopfit`: this machine's hop cost as a line (per
+request + per byte received + per byte sent), from one node running trivial bundles. Thread clocks are read from outside the nodes
 (the process's CPU clock, /proc for the main thread), so nothing in the node is changed to measure it.
 """
 
@@ -17,6 +18,7 @@ import os
 import statistics
 import time
 
+from benchmarks import hopfit
 from benchmarks.common import Context, chain_stats, fmt_spread, single_device, spread, table
 
 SIZES = (2, 8)
@@ -88,6 +90,8 @@ def run(ctx: Context, loaded, samples: list[dict]) -> dict:
         out[f"n{n}"] = run_manifest(ctx, manifest, loaded.model, samples)
         ctx.log(f"  n={n}: node overhead {out[f'n{n}']['mean_overhead_ms']['median']:.2f} ms/inf, "
                 f"chain CPU / single x{out[f'n{n}']['chain_over_single']['median']:.2f}")
+    out["fit"] = hopfit.fit(ctx.work_dir / "hopfit", count=ctx.count)
+    ctx.log("  " + hopfit.render(out["fit"]).splitlines()[-1])
     return out
 
 
@@ -117,6 +121,8 @@ def run_manifest(ctx: Context, manifest, whole_model, samples: list[dict]) -> di
 def render(result: dict) -> str:
     rows = []
     for key, entry in result.items():
+        if key == "fit":
+            continue
         last = entry["runs"][-1]
         for i, node in enumerate(last["nodes"]):
             rows.append([key.replace("n", "n=") if i == 0 else "", i, f"{node['ort_ms']:.2f}",
@@ -126,5 +132,6 @@ def render(result: dict) -> str:
         rows.append(["", "all", "", f"{last['chain_cpu_ms']:.1f}", "",
                      f"mean {fmt_spread(entry['mean_overhead_ms'])}",
                      f"chain/single CPU x{fmt_spread(entry['chain_over_single'])}"])
-    return table(["chain", "node", "ort ms (alone)", "CPU ms", "loop thread ms",
-                  "beyond ort ms", "MB in"], rows)
+    chains = table(["chain", "node", "ort ms (alone)", "CPU ms", "loop thread ms",
+                    "beyond ort ms", "MB in"], rows)
+    return chains + ("\n\n" + hopfit.render(result["fit"]) if "fit" in result else "")

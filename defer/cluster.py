@@ -11,7 +11,29 @@ it. Schema version 1 (extend it, never silently change it; unknown keys are kept
 
 Links are directed: `from` sends to `to`. A plan that puts device B after device A needs the
 link A -> B, so `defer profile` measures every ordered pair of nodes it may chain, plus
-dispatcher -> node and node -> dispatcher.
+dispatcher -> node and node -> dispatcher. A link missing from the file was not measured (or
+failed, and --skip-bad left it out): treat the pair as unusable.
+
+What `defer profile` (defer/fleet) writes in each field:
+- model: name, sha256 (as `defer compile` records them), format ("onnx" or "tflite"), n_ops.
+- op_costs keys are the compiler's op names, exactly those of `GraphInfo.ops` for the model as
+  `defer compile` loads and analyses it: for ONNX (and Keras via tf2onnx) the node names after
+  the loader's normalisation (an unnamed node gets the name the loader gives it), for TFLite
+  `TFLiteOp.name` (the unique name of the op's first output tensor). Constant-only ops are not
+  listed: their time is charged to their first consumer, as the compiler does. Values are
+  `costs_from_profile(...).node`: seconds per op at the deployed level (ORT_ENABLE_ALL mapped
+  back to ops); for TFLite each op's invoke alone (`time_ops`).
+- memory_free: the node's MemAvailable when it profiled (0 = it could not tell); cores: CPUs
+  it may use (sched_getaffinity); threads: its engine threads; engine: the format it ran.
+- node extras: "profile" (ONNX): {"basic": ..., "all": ...}, each a KernelProfile dict
+  (defer.engines.profiling: median seconds per kernel name, reorder seconds and bytes), from
+  which the compiler rebuilds its Costs for any op order, cut costs (enter/leave) included:
+  `costs_from_profile(info, Profile(KernelProfile.from_dict(p["basic"]),
+  KernelProfile.from_dict(p["all"])))`; "io_seconds_per_byte" (TFLite: the cut price,
+  `OpTimes.boundary`); "profile_chunks" (requests it took: > 1 when the model was over the
+  node's "max_model_size"); "defer" (its version); "profile_seconds".
+- links: bandwidth from the slope of round-trip time over transfer size (so RTT and a token
+  bucket's burst cancel out), rtt the median of empty round trips (defer/runtime/links.py).
 """
 
 from __future__ import annotations

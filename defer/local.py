@@ -97,10 +97,10 @@ def _spawn(args: list[str], log_path: str | Path | None, prefix: str,
 
 def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 0,
                cpu: int | None = None, threads: int = 1, log_path: str | Path | None = None,
-               timeout: float = 60.0, command_prefix: tuple[str, ...] = (),
-               token: str | None = None, tls_cert: str | Path | None = None,
-               tls_key: str | Path | None = None, tls_ca: str | Path | None = None,
-               heartbeat: float | None = None, http_port: int | None = None) -> NodeProcess:
+               timeout: float = 60.0, token: str | None = None, http_port: int | None = None,
+               command_prefix: tuple[str, ...] = (), max_model_size: int | None = None,
+               tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+               tls_ca: str | Path | None = None, heartbeat: float | None = None) -> NodeProcess:
     """Start `python -m defer serve` and return once it printed its ready line.
 
     `command_prefix` wraps the command, e.g. ("ip", "netns", "exec", "host1") for an emulated host.
@@ -114,7 +114,7 @@ def start_node(bundle: str | Path | None = None, *, host: str = "127.0.0.1", por
         args += ["--cpu", str(cpu)]
     for option, value in (("--tls-cert", tls_cert), ("--tls-key", tls_key),
                           ("--tls-ca", tls_ca), ("--heartbeat", heartbeat),
-                          ("--http-port", http_port)):
+                          ("--http-port", http_port), ("--max-model-size", max_model_size)):
         if value is not None:
             args += [option, str(value)]
     if bundle is not None:

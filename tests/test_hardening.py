@@ -1,6 +1,6 @@
 """Protocol hardening against a live node process: 10,000+ malformed or mutated frames, sent
-before authentication, after it on a data connection, and after it on a control connection
-(behind a valid CONFIGURE, so mutated INFERs reach the compute path). The node must never die
+before authentication, and after it on a data, a probe and a control connection (behind a
+valid CONFIGURE, so mutated INFERs reach the compute path). The node must never die
 or hit an internal error, and a well-behaved dispatcher is served correctly afterwards. Plus
 what a node checks in what it is sent: tensors against its bundle, a pushed bundle's hash.
 """
@@ -59,6 +59,13 @@ def _corpus(manifest) -> list[bytes]:
         p.Stats(request_id=11, counters={"a": 1}),
         p.Ping(request_id=12),
         p.Pong(request_id=13),
+        # probe messages (no LINK_TEST: a mutated target could send traffic off this machine)
+        p.Hello(role="probe", challenge=auth.new_nonce()),
+        p.Profile(request_id=14, mode="kernels", models=(junk,), runs=1, warmup=0),
+        p.Echo(request_id=15, payload=b"x" * 64, reply_size=1000),
+        p.ProfileResult(request_id=16, engine="onnx", threads=1, cores=1, memory_free=0,
+                        seconds=0.1, model_seconds=(0.1,)),
+        p.LinkResult(request_id=17, target="127.0.0.1:1", samples=((0, 0.1),)),
     ]
     return [p.encode(m) for m in msgs]
 
@@ -145,8 +152,8 @@ def test_ten_thousand_bad_frames_do_not_kill_the_node(one_stage, record_property
         corpus = _corpus(manifest)
         configure = corpus[3]
         rng = random.Random(1234)
-        modes = ["unauthenticated", "upstream", "dispatcher"]
-        frames = [(modes[i % 3], _mutate(rng, corpus)) for i in range(FRAMES)]
+        modes = ["unauthenticated", "upstream", "dispatcher", "probe"]
+        frames = [(modes[i % 4], _mutate(rng, corpus)) for i in range(FRAMES)]
         start = time.perf_counter()
         asyncio.run(_fuzz(node.address, frames, configure))
         took = time.perf_counter() - start
@@ -162,7 +169,7 @@ def test_ten_thousand_bad_frames_do_not_kill_the_node(one_stage, record_property
         closed = log.count("closing connection from")
         record_property("fuzz_frames", FRAMES)
         record_property("fuzz_seconds", took)
-        print(f"{FRAMES} mutated frames ({FRAMES // 3} before auth) in {took:.1f} s: "
+        print(f"{FRAMES} mutated frames ({FRAMES // 4} before auth) in {took:.1f} s: "
               f"{closed} connections closed with a logged reason; node alive and correct")
         assert closed > FRAMES // 2
     finally:

@@ -49,6 +49,24 @@ CASES: list[p.Message] = [
     p.Result(request_id=8, spans=tuple(p.Span(k, 5.0 + k, 5.1 + k, 5.2 + k, 5.3 + k, 5.4 + k,
                                               0.0, 0.1, 0.0) for k in range(3))),
     p.Result(request_id=9, spans=()),
+    p.Hello(role="probe", node_id="doctor", challenge="aa" * 32),
+    p.Profile(request_id=12, mode="kernels", models=(b"\x08\x07onnx" * 5,), runs=7, warmup=2,
+              batch=4),
+    p.Profile(request_id=13, mode="models", models=(b"TFL3" * 3, b"", b"x" * 9),
+              levels=("basic",)),
+    p.ProfileResult(request_id=12, engine="onnx", threads=1, cores=4, memory_free=1 << 30,
+                    seconds=1.5, levels={"basic": {"kernels": {"conv1": 0.002, "fc/MatMul": 1e-6},
+                                                   "reorder_seconds": 0.0, "reorder_bytes": 0,
+                                                   "run_seconds": 0.003},
+                                         "all": {"kernels": {"conv1_nchwc": 0.0015},
+                                                 "reorder_seconds": 1e-4,
+                                                 "reorder_bytes": 4096, "run_seconds": 0.002}}),
+    p.ProfileResult(request_id=13, engine="tflite", threads=2, cores=1, memory_free=0,
+                    seconds=0.25, model_seconds=(1e-3, 0.0, 2.5e-4), io_seconds_per_byte=1e-10),
+    p.Echo(request_id=14, payload=bytes(1000), reply_size=0),
+    p.Echo(request_id=15, reply_size=1 << 20),
+    p.LinkTest(request_id=16, target="[::1]:7002", max_size=1 << 20, seconds=0.1),
+    p.LinkResult(request_id=16, target="10.0.0.2:7000", samples=((0, 1e-4), (65536, 0.03))),
 ]
 IDS = [f"{i}-{type(m).__name__}" for i, m in enumerate(CASES)]
 
@@ -230,6 +248,44 @@ def _frame(mtype: int, meta: object, payload: bytes = b"", n_seg: int | None = N
     (_frame(2, {"f": {"sha256": "00" * 32}, "s": []}), "exactly one"),
     (_frame(9, {"f": {}, "s": [{"size": 0}]}), "no payload"),
     (_frame(1, {"f": {}, "s": []}, n_seg=3), "announces"),
+    *[(_frame(12, {"f": {"mode": "kernels", "levels": ["basic"], "runs": 1, "warmup": 0,
+                         "batch": 1, **bad}, "s": [{"size": 8}] * segments}, bytes(8 * segments)),
+       match) for bad, segments, match in [
+          ({}, 2, "exactly one model"), ({}, 0, "exactly one model"),
+          ({"mode": "models"}, 0, "models"), ({"mode": "layers"}, 1, "mode"),
+          ({"levels": []}, 1, "levels"), ({"levels": ["basic", "basic"]}, 1, "levels"),
+          ({"levels": ["fast"]}, 1, "levels"), ({"runs": 0}, 1, "runs"),
+          ({"batch": 10**6}, 1, "batch")]],
+    *[(_frame(13, {"f": {"engine": "onnx", "threads": 1, "cores": 1, "memory_free": 0,
+                         "seconds": 0.1}, "s": [{"size": len(report)}]},
+              report + bytes(-len(report) % 8)), match) for report, match in [
+          (b"\xff\xfe", "UTF-8 JSON"), (b"[1]", "object"), (b"[" * 5000, "UTF-8 JSON"),
+          (b'{"levels": {"fast": {}}, "model_seconds": [], "io_seconds_per_byte": 0}', "levels"),
+          (b'{"levels": {"basic": {}}, "model_seconds": [], "io_seconds_per_byte": 0}',
+           "kernels"),
+          (b'{"levels": {"basic": {"kernels": {"a": -1}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {"basic": {"kernels": {"a": NaN}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {"basic": {"kernels": {"": 1}, "reorder_seconds": 0, '
+           b'"reorder_bytes": 0}}, "model_seconds": [], "io_seconds_per_byte": 0}',
+           "characters"),
+          (b'{"levels": {"all": {"kernels": {}, "reorder_seconds": 0, "reorder_bytes": 0, '
+           b'"run_seconds": -1}}, "model_seconds": [], "io_seconds_per_byte": 0}', "run_seconds"),
+          (b'{"levels": {}, "model_seconds": ["1"], "io_seconds_per_byte": 0}', "finite"),
+          (b'{"levels": {}, "model_seconds": [], "io_seconds_per_byte": Infinity}', "finite"),
+          (b'{"levels": {}, "model_seconds": {}, "io_seconds_per_byte": 0}', "list")]],
+    (_frame(13, {"f": {"engine": "onnx", "threads": 1, "cores": 1, "memory_free": 0,
+                       "seconds": 1e9}, "s": [{"size": 0}]}), "duration"),
+    (_frame(14, {"f": {"reply_size": 2**40}, "s": [{"size": 0}]}), "reply_size"),
+    (_frame(14, {"f": {"reply_size": 0}, "s": []}), "one payload"),
+    (_frame(15, {"f": {"target": "dispatcher", "max_size": 1, "seconds": 0.1}, "s": []}),
+     "host:port"),
+    (_frame(15, {"f": {"target": "h:1", "max_size": 1, "seconds": -1}, "s": []}), "duration"),
+    (_frame(16, {"f": {"target": "h:1", "samples": []}, "s": []}), "samples"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[1, 2, 3]]}, "s": []}), "bytes, seconds"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[-1, 0.1]]}, "s": []}), "samples"),
+    (_frame(16, {"f": {"target": "h:1", "samples": [[1, 0.1]] * 300}, "s": []}), "samples"),
 ])
 def test_malformed_frames_raise_protocol_error(frame, match):
     decoder = p.Decoder()
@@ -242,7 +298,8 @@ def test_an_unauthenticated_peer_may_send_small_hellos_only():
     decoder = p.Decoder(p.HANDSHAKE_LIMITS)
     decoder.feed(p.encode(CASES[1]))
     assert decoder.next() == CASES[1]
-    for msg in (CASES[3], CASES[6]):  # a Load and an Infer: payloads are refused outright
+    probes = [m for m in CASES if isinstance(m, p.Profile | p.Echo)]
+    for msg in (CASES[3], CASES[6], *probes):  # payloads are refused outright
         decoder = p.Decoder(p.HANDSHAKE_LIMITS)
         decoder.feed(p.encode(msg))
         with pytest.raises(ProtocolError, match="segments|limit"):
@@ -293,3 +350,93 @@ def test_mutated_frames_parse_or_raise_protocol_error(index, mutations, chunk):
 def test_truncated_or_spliced_frames_parse_or_raise_protocol_error(index, cut, junk):
     frame = p.encode(CASES[index])
     _parse_everything(frame[: len(frame) - cut % len(frame)] + junk, 7)
+
+
+# --- receiving in place: get_buffer()/buffer_updated(n), what a socket reader does ------------
+
+def _receive(decoder: p.Decoder, data: bytes, piece: int) -> list[p.Message]:
+    """Deliver `data` as `recv_into(decoder.get_buffer())` would, at most `piece` bytes a call."""
+    got, i = [], 0
+    while i < len(data):
+        buffer = decoder.get_buffer()
+        n = min(len(buffer), piece, len(data) - i)
+        buffer[:n] = data[i: i + n]
+        decoder.buffer_updated(n)
+        i += n
+        got += _decode_all(decoder)
+    return got
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("msg", CASES, ids=IDS)
+def test_round_trip_received_in_place(msg, piece):
+    frame = p.encode(msg)
+    decoder = p.Decoder()
+    assert [_same(m, msg) for m in _receive(decoder, frame + frame + frame[:5], piece)] \
+        == [True, True]
+    assert [_same(m, msg) for m in _receive(decoder, frame[5:], piece)] == [True]
+    decoder.feed_eof()
+    assert decoder.next() is None and decoder.eof
+
+
+def test_a_body_is_received_where_its_tensors_are_read_from():
+    big = p.Infer(request_id=1, tensors=(_tensor("x", np.arange(300_000, dtype=np.float32)),))
+    frame = p.encode(big)
+    decoder = p.Decoder()
+    buffer = decoder.get_buffer()
+    buffer[:40] = frame[:40]  # the header and a little more: now the body exists
+    decoder.buffer_updated(40)
+    body = decoder.get_buffer()
+    assert len(body) == len(frame) - 40  # exactly the rest of this frame, never the next one
+    body[:] = frame[40:]
+    decoder.buffer_updated(len(body))
+    msg = decoder.next()
+    assert _same(msg, big)
+    assert np.shares_memory(np.frombuffer(msg.tensors[0].data, np.uint8), np.asarray(body))
+
+
+def test_a_frame_buffer_is_reused_only_once_nothing_refers_to_it():
+    x = np.arange(300_000, dtype=np.float32)
+    frames = [p.encode(p.Infer(request_id=i, tensors=(_tensor("x", x * i),))) for i in (1, 2, 3)]
+    decoder = p.Decoder()
+    first = np.frombuffer(_receive(decoder, frames[0], 1 << 20)[0].tensors[0].data, np.float32)
+    second = _receive(decoder, frames[1], 1 << 20)[0]
+    assert np.array_equal(first, x) and not np.shares_memory(first, second.tensors[0].data)
+    kept = first.ctypes.data
+    del first
+    third = _receive(decoder, frames[2], 1 << 20)[0]
+    assert np.frombuffer(third.tensors[0].data, np.float32).ctypes.data == kept
+    assert np.array_equal(np.frombuffer(second.tensors[0].data, np.float32), x * 2)
+
+
+def test_a_bad_header_received_in_place_raises_from_next_not_from_get_buffer():
+    decoder = p.Decoder()
+    buffer = decoder.get_buffer()
+    buffer[:32] = b"XXXX" + bytes(28)
+    decoder.buffer_updated(32)
+    decoder.get_buffer()  # parses that header: a socket reader's callback must not blow up
+    with pytest.raises(ProtocolError, match="magic"):
+        decoder.next()
+
+
+def _receive_everything(data: bytes, piece: int) -> None:
+    decoder = p.Decoder(p.Limits(metadata=4096, tensor=1 << 16, frame=1 << 18, segments=64))
+    try:
+        _receive(decoder, data, piece)
+        decoder.feed_eof()
+        while decoder.next() is not None:
+            pass
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.sampled_from(range(len(CASES))), st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(1, 64), st.binary(max_size=40))
+def test_mutated_frames_received_in_place_parse_or_raise_protocol_error(index, mutations,
+                                                                         piece, junk):
+    frame = bytearray(p.encode(CASES[index]))
+    for position, value in mutations:
+        frame[position % len(frame)] = value
+    _receive_everything(bytes(frame) + junk, piece)

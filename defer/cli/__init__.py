@@ -26,6 +26,8 @@ COMMANDS = {
     "run": "defer.cli.runtime_cmd:run",
     "deploy": "defer.cli.deploy_cmd:deploy",
     "gateway": "defer.cli.gateway_cmd:gateway",
+    "profile": "defer.cli.profile_cmd:profile_command",
+    "doctor": "defer.cli.doctor_cmd:doctor_command",
 }
 
 
@@ -65,6 +67,8 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     defer dispatch --manifest M ...    stream inputs through a chain of nodes
     defer run                          everything on this machine, built-in example
     defer deploy --manifest M ...      compose / Kubernetes / systemd files for a plan
+    defer profile MODEL --nodes ...    time ops and links on running nodes: cluster.json
+    defer doctor --manifest M ...      check that a chain can start on these nodes
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

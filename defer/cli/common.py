@@ -46,3 +46,12 @@ def resolve_token(token: str | None, token_file: Path | None) -> str | None:
 def heartbeat_option(func):
     return click.option("--heartbeat", type=float, default=DEFAULT_HEARTBEAT, show_default=True,
                         help=HEARTBEAT_HELP)(func)
+
+
+def tls_ca_option(func):
+    """--tls-ca for commands that connect to nodes (profile, doctor)."""
+    return click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False,
+                                                    path_type=Path),
+                        default=None, help="Connect to nodes with TLS, verifying them against "
+                                           "this CA or self-signed certificate (PEM).  "
+                                           "[default: plain TCP]")(func)

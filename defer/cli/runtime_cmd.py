@@ -50,7 +50,12 @@ def _file(**kwargs):
               help="Also serve GET /health/live, /health/ready (200 once a bundle is loaded) and "
                    "/metrics (Prometheus) over HTTP on this port; 0 = any free one (printed in "
                    "the ready line).  [default: off]")
-def serve(token: str | None, token_file: Path | None, **fields) -> None:
+@click.option("--max-model-size", default=None, metavar="SIZE",
+              help="Largest model this node accepts to profile (`defer profile`; larger models "
+                   "arrive in chunks), announced in HELLO; e.g. 256MiB.  [default: a quarter of "
+                   "the memory available at start, 64 MiB to 1 GiB]")
+def serve(token: str | None, token_file: Path | None, max_model_size: str | None,
+          **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
@@ -63,7 +68,11 @@ def serve(token: str | None, token_file: Path | None, **fields) -> None:
         click.echo(f"{READY_PREFIX}{address}" + (f" http {http}" if http else ""))
         sys.stdout.flush()
 
-    run_node(NodeConfig(token=resolve_token(token, token_file), **fields), ready)
+    from defer.units import parse_size
+
+    size = int(parse_size(max_model_size)) if max_model_size else None
+    run_node(NodeConfig(token=resolve_token(token, token_file), max_model_size=size, **fields),
+             ready)
 
 
 @click.command("dispatch")

@@ -1,7 +1,7 @@
 """Per-node compute cost, in seconds on this machine.
 
 `profile_costs` uses onnxruntime's own profiler with one intra-op thread like an edge device,
-warm-up runs, then the median of several runs. At ORT_ENABLE_BASIC profile names map one-to-one
+warm-up runs, then several timed runs. At ORT_ENABLE_BASIC profile names map one-to-one
 to ONNX node names, but bundles are deployed at ORT_ENABLE_ALL, where fused NCHWc kernels run
 up to ~20% faster, and not uniformly. So a second profile at ORT_ENABLE_ALL is mapped back: a
 fused kernel is named after its output tensor, its cost is shared over the chain of nodes it
@@ -15,30 +15,33 @@ sides keep their quantized groups). `Costs.enter[k]` / `Costs.leave[k]` hold tho
 seconds for a stage that starts / ends at cut k, measured from the same profiles.
 `estimate_costs` is the fallback, for either format: a FLOP + memory-traffic estimate at
 nominal rates (the TFLite front end passes its own FLOP count).
-Profiles are read one event at a time and reduced to medians as they are read, so a 10k-op
-graph's traces (tens of MB of JSON per level) are never held in memory. A constant-only op
+The profiling itself (onnxruntime's profiler, reduced to seconds per kernel as it is read:
+each kernel's fastest run, scaled to the median whole run) is `defer.engines.profiling`, which
+nodes run too (`defer profile`); this module maps its kernels onto the graph's ops. A
+`Profile` is keyed by kernel name, so profiles measured elsewhere (cluster.json's `profile`
+extra) price any op order. A constant-only op
 (graph.py) that onnxruntime did not fold is charged to its first consumer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from defer import progress
+from defer.compiler.export import EXTERNAL_ABOVE
 from defer.compiler.graph import GraphInfo, Op
-from defer.compiler.load import ort_session, sample_inputs
+from defer.compiler.load import sample_inputs
+from defer.engines.profiling import KernelProfile, profile_onnx
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +80,15 @@ def profile_costs(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int
 class Profile:
     """The reduced profiles of one model: BASIC, and ORT_ENABLE_ALL if `deployed`."""
 
-    basic: _Summary
-    deployed: _Summary | None
+    basic: KernelProfile
+    deployed: KernelProfile | None
 
 
 def profile(info: GraphInfo, runs: int = 10, warmup: int = 3, threads: int = 1,
             deployed: bool = True) -> Profile:
     """Profile the model of `info` (see profile_costs); kernels are keyed by op name, so one
     Profile prices the same model in any op order (`costs_from_profile`)."""
-    import onnxruntime as ort
-
-    levels = [ort.GraphOptimizationLevel.ORT_ENABLE_BASIC]
-    if deployed:
-        levels.append(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    levels = ["basic", "all"] if deployed else ["basic"]
     with progress.phase("profile", total=len(levels) * (warmup + runs)) as step:
         summaries = [_profile(info, level, runs, warmup, threads, step) for level in levels]
     return Profile(summaries[0], summaries[1] if deployed else None)
@@ -103,70 +102,22 @@ def costs_from_profile(info: GraphInfo, measured: Profile) -> Costs:
     return _deployed_costs(info, basic, measured.deployed)
 
 
-@dataclass
-class _Summary:
-    """What one profile says, reduced as it is read: median seconds per kernel name, and the
-    layout reorders' total seconds and bytes (warm-up runs dropped)."""
-
-    kernels: dict[str, float]
-    reorder_seconds: float
-    reorder_bytes: int
-
-
-def _profile(info: GraphInfo, level, runs: int, warmup: int, threads: int, step) -> _Summary:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+def _profile(info: GraphInfo, level: str, runs: int, warmup: int, threads: int,
+             step) -> KernelProfile:
+    """The engine-level profile (`defer.engines.profiling`), on this model's sample inputs;
+    a model past protobuf's 2 GB goes to onnxruntime as a file with external data."""
+    feeds = sample_inputs(info.model, batch=info.batch)
+    log.info("profiling %d ops", info.n_ops)
+    if info.model.ByteSize() < EXTERNAL_ABOVE:
+        return profile_onnx(info.model.SerializeToString(), level, threads, runs, warmup,
+                            feeds, on_run=step)
     with tempfile.TemporaryDirectory(prefix="defer-profile-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort_session(info.model, options, tmp)
-        feeds = sample_inputs(info.model, batch=info.batch)
-        log.info("profiling %d ops at %s: %d warm-up + %d runs, %d thread(s)",
-                 info.n_ops, level.name, warmup, runs, threads)
-        for _ in range(warmup + runs):
-            session.run(None, feeds)
-            step()
-        path = session.end_profiling()
-        del session
-        return _summarise(_events(path), warmup)
-
-
-def _events(path: str) -> Iterator[dict]:
-    """The profile's events one at a time: onnxruntime writes one JSON object per line, so a
-    10k-op profile is never held in memory whole."""
-    with open(path) as f:
-        for line in f:
-            line = line.strip().rstrip(",")
-            if line in ("", "[", "]"):
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:  # not one event per line after all: read it whole
-                f.seek(0)
-                yield from json.load(f)
-                return
-
-
-def _summarise(events: Iterable[dict], warmup: int) -> _Summary:
-    durations: dict[str, list[float]] = defaultdict(list)
-    reorder_s, reorder_b = 0.0, 0
-    for event in events:
-        if event.get("cat") != "Node":
-            continue
-        name = event.get("name", "")
-        if name.endswith("_kernel_time"):
-            durations[name[: -len("_kernel_time")]].append(event["dur"] * 1e-6)
-        args = event.get("args", {})
-        if args.get("op_name", "").startswith("Reorder"):
-            reorder_s += event["dur"] * 1e-6
-            reorder_b += int(args.get("output_size", 0))
-    kernels = {name: statistics.median(d[warmup:] or d) for name, d in durations.items()}
-    return _Summary(kernels, reorder_s, reorder_b)
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(info.model)
+        onnx.save_model(copy, str(path), save_as_external_data=True,
+                        location="model.onnx.data")
+        return profile_onnx(path, level, threads, runs, warmup, feeds, on_run=step)
 
 
 def _op_index(info: GraphInfo) -> dict[str, int]:
@@ -179,7 +130,7 @@ def _op_index(info: GraphInfo) -> dict[str, int]:
     return index
 
 
-def _costs_from_kernels(info: GraphInfo, summary: _Summary) -> np.ndarray:
+def _costs_from_kernels(info: GraphInfo, summary: KernelProfile) -> np.ndarray:
     costs = np.zeros(info.n_ops)
     index = _op_index(info)
     unmatched = 0
@@ -193,7 +144,7 @@ def _costs_from_kernels(info: GraphInfo, summary: _Summary) -> np.ndarray:
     return costs
 
 
-def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: _Summary) -> Costs:
+def _deployed_costs(info: GraphInfo, basic: np.ndarray, summary: KernelProfile) -> Costs:
     """Share each ORT_ENABLE_ALL kernel's time over the ops it stands for (see module doc)."""
     index = _op_index(info)
     owner: dict[int, float] = defaultdict(float)

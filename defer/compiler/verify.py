@@ -9,7 +9,6 @@ and route tensors with `defer.fidelity.run_chain`.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 
 from defer.engines import Engine, load_engine
+from defer.engines.profiling import time_calls
 from defer.errors import VerifyError
 from defer.fidelity import Fidelity, compare, run_chain, stage_engines
 from defer.manifest import Manifest
@@ -70,15 +70,9 @@ def whole_engine(model, threads: int = 1) -> Engine:
 
 
 def median_seconds(call: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    """Median seconds of `call()` over `runs` calls after `warmup` calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        tick = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    """Median seconds of `call()` over `runs` calls after `warmup` calls (the engines' timing
+    loop, `defer.engines.profiling.time_calls`)."""
+    return statistics.median(time_calls(call, runs, warmup))
 
 
 def measure_stages(manifest: Manifest, feeds: dict[str, np.ndarray], runs: int = 20,

@@ -42,6 +42,11 @@ def _spec(arg) -> TensorSpec:
     return TensorSpec(arg.name, _ORT_DTYPES.get(arg.type, arg.type), shape)
 
 
+def session_specs(args) -> list[TensorSpec]:
+    """Specs of a session's `get_inputs()` or `get_outputs()`."""
+    return [_spec(arg) for arg in args]
+
+
 class OnnxEngine:
     """One onnxruntime session behind the `Engine` interface."""
 
@@ -53,8 +58,8 @@ class OnnxEngine:
             self.session = make_session(source, threads)
         except Exception as err:  # noqa: BLE001 - onnxruntime's errors share no base class
             raise ManifestError(f"onnxruntime cannot load the bundle: {err}") from None
-        self.inputs = [_spec(i) for i in self.session.get_inputs()]
-        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self.inputs = session_specs(self.session.get_inputs())
+        self.outputs = session_specs(self.session.get_outputs())
 
     def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(list(outputs), dict(feeds))

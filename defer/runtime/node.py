@@ -3,7 +3,9 @@
 Connections and lifecycle live here; the work itself is `pipeline.py` (queues, one engine thread,
 backpressure) running `stage.run_stage`. The dispatcher's control connection brings
 HELLO/LOAD/CONFIGURE/STATS/PING/SHUTDOWN, and the inputs when this is stage 0; the previous
-node's data connection brings INFER otherwise. Forwarded tensors are passed on as received bytes.
+node's data connection brings INFER otherwise; a probe connection (`defer profile`, `defer
+doctor`, another node timing its link here) is answered by `probing.ProbeService`. Forwarded
+tensors are passed on as received bytes.
 Hardening: a peer must complete HELLO (with the token proof when the node has a token) before
 anything else is read, and until then it may send only small frames; a malformed frame, a failed
 proof or an internal error closes only that connection, with a logged reason; received tensors
@@ -42,6 +44,7 @@ from defer.runtime.channel import STREAM_LIMIT, Channel, client_tls, server_tls
 from defer.runtime.http import NodeHTTP
 from defer.runtime.options import NodeConfig
 from defer.runtime.pipeline import Pipeline
+from defer.runtime.probing import ProbeService, default_max_model_size
 from defer.runtime.protocol import (
     HANDSHAKE_LIMITS,
     Ack,
@@ -78,6 +81,10 @@ class Node:
         self._server_tls = server_tls(config.tls_cert, config.tls_key) \
             if config.tls_cert is not None else None
         self._client_tls = client_tls(config.tls_ca) if config.tls_ca is not None else None
+        self.probes = ProbeService(
+            lambda: self.node_id, self.stats, self.pipeline.executor, config.threads,
+            config.max_model_size or default_max_model_size(), config.token, self._client_tls,
+            config.connect_timeout)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -190,6 +197,8 @@ class Node:
             chan.timing = self.pipeline.tracing  # an upstream connects once we are configured
             if hello.role == "dispatcher":
                 await self._control_loop(chan)
+            elif hello.role == "probe":
+                await self.probes.serve(chan)
             else:
                 await self._data_loop(chan)
             if chan.dead_reason:
@@ -355,7 +364,8 @@ class Node:
         return {"defer": __version__, "cores": len(os.sched_getaffinity(0)),
                 "threads": self.config.threads, "memory_available": memory_available(),
                 "engines": available_engines(),
-                "engine": self.pipeline.engine.format if self.pipeline.engine else None}
+                "engine": self.pipeline.engine.format if self.pipeline.engine else None,
+                "max_model_size": self.probes.max_model_size}
 
     def _route(self, msg: Message) -> Channel | None:
         """Where a result goes: RESULT and ERROR to the dispatcher, INFER to the next hop."""

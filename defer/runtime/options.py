@@ -33,6 +33,8 @@ class NodeConfig:
     `tls_key`: serve TLS. `tls_ca`: verify the next hop's TLS certificate against this CA.
     `heartbeat`: seconds between heartbeats on an idle connection (0 = none). `http_port`:
     serve /health/live, /health/ready and /metrics there (0 = any free port).
+    `max_model_size`: the largest model (bytes) the node accepts to profile, announced in its
+    HELLO (None = a quarter of the memory available at start; see runtime/probing.py).
     """
 
     host: str = "127.0.0.1"
@@ -50,6 +52,7 @@ class NodeConfig:
     heartbeat: float = DEFAULT_HEARTBEAT
     max_connections: int = 64
     http_port: int | None = None  # health + metrics over HTTP (runtime/http.py); None = off
+    max_model_size: int | None = None
 
     def checked(self) -> NodeConfig:
         if self.threads < 1:
@@ -62,6 +65,8 @@ class NodeConfig:
         if self.queue_size < 1:
             raise UsageError(f"queue_size must be >= 1, got {self.queue_size}")
         _check_heartbeat(self.heartbeat)
+        if self.max_model_size is not None and self.max_model_size < 1:
+            raise UsageError(f"--max-model-size must be > 0 bytes, got {self.max_model_size}")
         return dataclasses.replace(self, token=self.token or None)
 
 

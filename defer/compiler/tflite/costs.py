@@ -5,7 +5,9 @@ model (a GraphInfo, in its op order) as a one-op model (the op with its attached
 under the engine the nodes run (`defer.engines.litert`, XNNPACK, one thread), on real inputs:
 the one-op models run in that order, each fed what the previous ones produced from seeded (or
 given) model inputs. `time_groups` does it for any execution order of operator groups.
-Warm-up runs, then the median of several runs.
+Warm-up runs, then several timed runs: the timing itself is `defer.engines.profiling.time_models`
+(each op's fastest run, scaled to what the runs took in all), which nodes run too for
+`defer profile`; this module builds the one-op models.
 
 An op's cost is its `invoke()` alone. Handing tensors to and from an engine (`set_tensor` /
 `get_tensor` copies) is paid once per stage, for the tensors crossing its cuts, so it is
@@ -20,7 +22,6 @@ and bytes at nominal rates) with TFLite's FLOP count.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +34,8 @@ from defer.compiler.profile import Costs
 from defer.compiler.profile import estimate_costs as estimate
 from defer.compiler.tflite.graph import reads
 from defer.compiler.tflite.slicer import slice_operators, stage_operators
-from defer.compiler.verify import median_seconds
 from defer.engines.litert import LiteRTEngine
+from defer.engines.profiling import time_models
 from defer.tensors import random_inputs
 
 if TYPE_CHECKING:
@@ -86,35 +87,27 @@ def time_groups(graph: TFLiteGraph, groups: Sequence[Sequence[int]],
     """(seconds of each group's invoke, seconds per byte handed in or out): each group of
     operators (flatbuffer indices: an op and its constant ops) run alone as one model; the
     groups run in the order given, which must be an execution order, each fed what the groups
-    before it produced."""
+    before it produced. The timing is `defer.engines.profiling.time_models`, which nodes run
+    too (`defer profile`)."""
     if feeds is None:
         specs = [graph.tensors[t] for t in graph.input_indices]
         feeds = random_inputs(specs, 1, seed=0, batch=batch)[0]
-    values = {graph.index_of[name]: array for name, array in feeds.items()}
-    costs, io_rates = np.zeros(len(groups)), []
-    start = time.perf_counter()
-    for k, group in enumerate(groups):
+    times = time_models(one_op_models(graph, groups), feeds, runs, warmup, threads, batch,
+                        on_model=step)
+    return times.seconds, times.io_seconds_per_byte
+
+
+def one_op_models(graph: TFLiteGraph, groups: Sequence[Sequence[int]]) -> list[bytes]:
+    """One `.tflite` per group of operators, its signature naming the tensors by their unique
+    names, taking what the group reads from outside and giving everything it produces."""
+    models = []
+    for group in groups:
         operators = [graph.subgraph.operators[i] for i in group]
         produced = [t for op in operators for t in op.outputs if t in graph.tensors]
         inputs = sorted({t for op in operators for t in reads(op)
                          if t in graph.tensors and t not in produced})
-        engine = LiteRTEngine(slice_operators(graph, group, inputs, produced), threads)
-        feed = {graph.names[t]: values[t] for t in inputs}
-        names = [graph.names[t] for t in produced]
-        whole_run = median_seconds(partial(engine.run, names, feed), runs, warmup)
-        engine.run(names, feed)  # sets the inputs for the invokes alone
-        costs[k] = median_seconds(engine.interpreter.invoke, runs, 1)
-        handed = sum(values[t].nbytes for t in inputs) + sum(graph.tensor_bytes(t, batch)
-                                                              for t in produced)
-        if handed:
-            io_rates.append(max(0.0, whole_run - costs[k]) / handed)
-        values.update(zip(produced, engine.run(names, feed)))
-        step()
-    io_rate = float(np.median(io_rates)) if io_rates else 0.0
-    log.info("timed %d ops as one-op models (%d runs each) in %.1f s: %.2f ms of invoke in "
-             "all, %.3f ns per byte handed in or out", len(groups), runs,
-             time.perf_counter() - start, 1e3 * costs.sum(), 1e9 * io_rate)
-    return costs, io_rate
+        models.append(slice_operators(graph, group, inputs, produced))
+    return models
 
 
 def crossing_values(info: GraphInfo, seed: int = 0) -> dict[str, np.ndarray]:

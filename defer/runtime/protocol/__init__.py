@@ -9,7 +9,8 @@ between frames is not an error. Every metadata field is type- and range-checked 
 including the decoded size a shape implies (<= Limits.tensor), so no codec can be made to
 allocate more than that. HANDSHAKE_LIMITS bound what an unauthenticated peer may send.
 This package is the one place to change the wire format: `fields` (bounds, checkers),
-`messages` (the typed messages), `frames` (header layout, encoder, decoder).
+`messages` (the typed messages), `probes` (profiling and link measurement), `frames` (header
+layout, encoder, decoder).
 """
 
 from defer.codecs import WireTensor
@@ -47,9 +48,22 @@ from defer.runtime.protocol.messages import (
     Span,
     Stats,
 )
+from defer.runtime.protocol.probes import (
+    MAX_TRANSFER,
+    PROFILE_LEVELS,
+    PROFILE_MODES,
+    Echo,
+    LinkResult,
+    LinkTest,
+    Probe,
+    Profile,
+    ProfileResult,
+)
 from defer.tensors import DTYPES
 
 __all__ = ["ALIGN", "DEFAULT_LIMITS", "DTYPES", "HANDSHAKE_LIMITS", "HEADER_SIZE", "MAGIC",
            "MAX_DIMS", "MAX_NAME", "MAX_TEXT", "PROTOCOL_VERSION", "ROLES", "Ack", "Configure",
            "Decoder", "Error", "Hello", "Infer", "Limits", "Load", "Message", "MsgType", "Ping",
            "Pong", "Result", "Shutdown", "Span", "Stats", "WireTensor", "encode", "encode_parts"]
+__all__ += ["MAX_TRANSFER", "PROFILE_LEVELS", "PROFILE_MODES", "Echo", "LinkResult",
+            "LinkTest", "Probe", "Profile", "ProfileResult"]

@@ -29,7 +29,9 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 # Before a peer has authenticated it may send HELLO frames only: a few kilobytes, no payload.
 HANDSHAKE_LIMITS = Limits(metadata=4096, tensor=0, frame=4096, segments=0)
-ROLES = frozenset({"dispatcher", "upstream", "node"})
+# "probe": `defer profile` / `defer doctor`, or a node measuring its link to another node. A
+# probe connection never takes over a node's chain (unlike a second "dispatcher").
+ROLES = frozenset({"dispatcher", "upstream", "node", "probe"})
 MAX_TEXT = 16 * 1024  # reasons, node ids and other free text
 
 
@@ -114,3 +116,16 @@ def _opt_dict(v: Any, name: str) -> dict[str, Any] | None:
     return v
 
 
+def _seconds(v: Any, name: str) -> float:
+    """A duration: a finite number of seconds, 0 <= v < 1e6."""
+    if type(v) not in (int, float) or not 0 <= v < 1e6:
+        raise _bad(f"field {name!r} must be a duration in seconds (0 to 1e6), got {v!r:.40}")
+    return float(v)
+
+
+def _address(v: Any, name: str) -> str:
+    """host:port (not 'dispatcher')."""
+    v = _hop(v, name)
+    if v == "dispatcher":
+        raise _bad(f"field {name!r} must be host:port")
+    return v

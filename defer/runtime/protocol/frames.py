@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -20,7 +21,11 @@ from defer.runtime.protocol.fields import (
     _bad,
     _int,
 )
-from defer.runtime.protocol.messages import _BY_TYPE, Message, MsgType
+from defer.runtime.protocol.messages import _BY_TYPE as _CORE_TYPES
+from defer.runtime.protocol.messages import Message, MsgType
+from defer.runtime.protocol.probes import PROBES
+
+_BY_TYPE = {**_CORE_TYPES, **{cls.TYPE: cls for cls in PROBES}}
 
 # --- frame layout -----------------------------------------------------------------------------
 #
@@ -148,6 +153,33 @@ def _parse_body(header: _Header, body: np.ndarray, limits: Limits) -> Message:
     return cls._from_wire(header.request_id, values, segs, limits)
 
 
+class _BufferPool:
+    """Frame bodies, reused once nothing refers to them any more (every tensor view of the
+    frame is gone), so megabyte frames do not fault fresh pages in for every frame. Buffers
+    are uninitialised: a body is parsed only once it is fully written."""
+
+    KEEP = 4  # buffers remembered per connection
+    SMALL = 64 * 1024  # smaller bodies are simply allocated
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = []
+
+    def get(self, size: int) -> np.ndarray:
+        if size < self.SMALL:
+            return np.empty(size, np.uint8)
+        for i in range(len(self._buffers)):
+            buffer = self._buffers[i]
+            # Referenced only by this list, `buffer` and getrefcount's argument: free.
+            if size <= buffer.size <= 2 * size and sys.getrefcount(buffer) == 3:
+                self._buffers.append(self._buffers.pop(i))  # most recently used last
+                return buffer[:size]
+        buffer = np.empty(size, np.uint8)
+        self._buffers.append(buffer)
+        if len(self._buffers) > self.KEEP:
+            self._buffers.pop(0)
+        return buffer[:size]
+
+
 class Decoder:
     """Incremental frame decoder: `feed` bytes as they arrive, call `next` until it returns None.
 
@@ -172,6 +204,7 @@ class Decoder:
         self._eof = False
         self._error: ProtocolError | None = None
         self._scratch: bytearray | None = None
+        self._buffers = _BufferPool()
         self._direct = False  # the last get_buffer() handed out the body itself
 
     @property
@@ -259,8 +292,7 @@ class Decoder:
             return
         header = _parse_header(self._take(HEADER_SIZE), self.limits)
         self._header = header
-        # Uninitialised (no memset of megabytes): a body is parsed only once fully written.
-        self._body = np.empty(header.meta_len + header.payload_len, np.uint8)
+        self._body = self._buffers.get(header.meta_len + header.payload_len)
         self._filled = 0
         self._fill()
 

@@ -44,6 +44,11 @@ class MsgType(IntEnum):
     PING = 9
     PONG = 10
     SHUTDOWN = 11
+    PROFILE = 12  # the probe messages (profile, link measurement) live in probes.py
+    PROFILE_RESULT = 13
+    ECHO = 14
+    LINK_TEST = 15
+    LINK_RESULT = 16
 
 
 # --- messages ---------------------------------------------------------------------------------
