@@ -62,7 +62,7 @@ def tiny_model(path: Path, width: int = 256) -> Path:
     return path
 
 
-def _start_in(hosts, bundles=None) -> list:
+def _start_in(hosts, bundles=None, token: str | None = TOKEN) -> list:
     """One node per host, inside its namespace, bound to its address (a bundle each, or none)."""
     from defer.local import start_node, stop_processes
 
@@ -70,7 +70,7 @@ def _start_in(hosts, bundles=None) -> list:
     try:
         for i, host in enumerate(hosts):
             nodes.append(start_node(bundles[i] if bundles else None, host=host.address,
-                                    token=TOKEN, command_prefix=tuple(host.command([]))))
+                                    token=token, command_prefix=tuple(host.command([]))))
     except BaseException:
         stop_processes(nodes)
         raise

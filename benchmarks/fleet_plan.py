@@ -10,11 +10,11 @@ core (cgroups: benchmarks/cgroups.py), each stage's node started in its device's
 3. codecs on 100 Mbit/s links (each node in its own network namespace, egress shaped with
    tbf): raw, lz4, zfp:1e-3, q8, q8+lz4 on the raw plan, and on the plan made for each codec.
 
-cluster.json comes from `defer profile` against the capped nodes when this defer has it
-(issue 12a); otherwise it is simulated, and the results say so: this machine's profile divided
-by each device's quota, links at their shaped (or loopback) rate.
+cluster.json comes from `defer profile` against the same capped nodes, empty (with
+`--hop-cost`, plus this machine's CPU per hop / quota on each node, which `defer profile` does
+not measure).
 
-    python -m benchmarks.fleet_plan [--quick] [--runs R] [--only plans|fifth|codecs ...]
+    python -m benchmarks.fleet_plan [--quick] [--runs R] [--hop-cost] [--only plans|fifth|codecs ...]
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from benchmarks.common import Context, chain_stats, fmt_spread, spread, table, w
 QUOTAS = (0.6, 0.3, 0.2, 0.1)
 FIFTH = 0.05
 CODECS = ("raw", "lz4", "zfp:1e-3", "q8", "q8+lz4")
-LOOPBACK = (1e9, 1e-4)  # bytes/s, rtt of a simulated loopback link
 SHAPED_MBIT = 100
 # A window deep enough that a device throttled for the rest of its CFS period (100 ms) does not
 # starve the others: with the default (8 for 4 stages) capped chains lost 10-15% to that.
@@ -60,70 +59,6 @@ def hop_cost(ctx: Context, loaded, samples) -> dict[str, float]:
             f"{per_byte * 1e9:.2f} ns per byte (node CPU beyond onnxruntime: "
             f"{', '.join(f'{e * 1e3:.2f}' for e in extra)} ms)")
     return {"per_message_s": per_message, "per_byte_s": per_byte}
-
-
-def capped_seconds(model: Path, cores: float, count: int = 8) -> float:
-    """Seconds per inference of the whole model in a process capped to `cores` (median of
-    `count` runs after a warm-up): what a device that slow really takes, cold caches and
-    throttling included, which this machine's profile / quota misses."""
-    import subprocess
-
-    from benchmarks import cgroups
-
-    with cgroups.CpuCaps(["timer"]) as (device,):
-        device.cap(cores)
-        out = subprocess.run(device.command([sys.executable, "-m", "benchmarks.fleet_plan",
-                                             "time", str(model), str(count)]),
-                             capture_output=True, text=True, timeout=600, check=True)
-    return float(out.stdout.split()[-1])
-
-
-def _time_main(model: str, count: int) -> None:
-    """`python -m benchmarks.fleet_plan time MODEL COUNT`: the median seconds per inference."""
-    from defer.engines import load_engine
-    from defer.tensors import random_inputs
-
-    engine = load_engine(Path(model), 1)
-    names = [o.name for o in engine.outputs]
-    (sample,) = random_inputs(engine.inputs, 1, 0)
-    engine.run(names, sample)
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        engine.run(names, sample)
-        times.append(time.perf_counter() - start)
-    print(sorted(times)[len(times) // 2])
-
-
-def simulated_cluster(loaded, quotas, addresses, shaped_mbit: float | None = None,
-                      hop: dict[str, float] | None = None, model: Path | None = None):
-    """cluster.json as `defer profile` would measure it on capped devices: this machine's op
-    costs scaled to the whole model's seconds in a process so capped (`model` given; else
-    / quota), links at the shaped rate (a node's egress) or loopback's, and `hop` (this
-    machine's hop cost) / quota as each node's hop_cost."""
-    from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
-    from defer.compiler.graph import analyse
-    from defer.compiler.profile import costs_from_profile, profile
-
-    info = analyse(loaded.model)
-    costs = costs_from_profile(info, profile(info))
-    here = float(costs.node.sum())
-    scale = {q: (capped_seconds(model, q) / here if model else 1 / q) for q in set(quotas)}
-    nodes = [NodeProfile(address, "onnx", 1, 1, 2 << 30,
-                         {op.name: float(c * scale[quota]) for op, c in zip(info.ops,
-                                                                           costs.node)},
-                         {"simulated": True, **({"hop_cost": {k: v / quota for k, v in
-                                                              hop.items()}} if hop else {})})
-             for address, quota in zip(addresses, quotas)]
-    links = []
-    for source in [*addresses, DISPATCHER]:
-        for target in [*addresses, DISPATCHER]:
-            if source != target:
-                shaped = shaped_mbit and source != DISPATCHER
-                rate = shaped_mbit * 1e6 / 8 if shaped else LOOPBACK[0]
-                links.append(Link(source, target, rate, LOOPBACK[1]))
-    return Cluster({"name": loaded.name, "sha256": loaded.sha256}, nodes, links,
-                   "benchmarks.fleet_plan (simulated profile)")
 
 
 class CappedNodes:
@@ -208,7 +143,7 @@ def measure(ctx: Context, manifest, cluster, quota_of: dict[str, float], samples
     bundles = [manifest.bundle_path(stage.index) for stage in manifest.stages]
     with CappedNodes(bundles, cores, shaped_mbit) as addresses:
         for _ in range(ctx.runs):
-            stats = chain_stats(manifest, addresses, samples, codec=codec, warmup=3,
+            stats = chain_stats(manifest, addresses, samples, codec=codec, warmup=2 * INFLIGHT,
                                 seconds=8.0 if ctx.quick else 25.0, timeout=300.0,
                                 inflight=INFLIGHT)
             rates.append(stats["throughput"])
@@ -325,26 +260,20 @@ def render(results: dict) -> str:
 def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None,
              hop: dict[str, float] | None = None):
     """(path, Cluster, {device address: quota}, source) for these quotas: `defer profile`
-    against empty nodes so capped (issue 12a), else simulated (see the module docstring)."""
+    against empty nodes so capped, with `hop` (this machine's hop cost) / quota added to each
+    node when given (`defer profile` does not measure a hop's CPU)."""
+    from defer.examples import example_onnx
+    from defer.fleet.profile import ProfileOptions, profile_fleet
+
     path = ctx.work_dir / f"cluster-{len(quotas)}-{shaped_mbit or 'lo'}.json"
-    try:
-        from defer.fleet.profile import ProfileOptions, profile_fleet
-    except ImportError:
-        addresses = [f"127.0.0.1:{7200 + i}" for i in range(len(quotas))]
-        from defer.examples import example_onnx
-
-        model = None if ctx.quick else example_onnx("resnet50")
-        cluster = simulated_cluster(loaded, quotas, addresses, shaped_mbit, hop, model)
-        source = ("simulated (no `defer profile` here): this machine's profile scaled to "
-                  + ("the whole model timed in a process so capped" if model else "1 / quota")
-                  + (", hop cost calibrated here / quota" if hop else ""))
-    else:
-        from defer.examples import example_onnx
-
-        with CappedNodes([None] * len(quotas), list(quotas), shaped_mbit) as addresses:
-            cluster = profile_fleet(example_onnx("resnet50"), ProfileOptions(
-                nodes=tuple(addresses), sequential=True))
-        source = "defer profile against the capped nodes"
+    with CappedNodes([None] * len(quotas), list(quotas), shaped_mbit) as addresses:
+        cluster = profile_fleet(example_onnx("resnet50"), ProfileOptions(
+            nodes=tuple(addresses), sequential=True))
+    source = "defer profile against the capped nodes"
+    if hop:
+        for node, quota in zip(cluster.nodes, quotas):
+            node.extra["hop_cost"] = {k: v / quota for k, v in hop.items()}
+        source += ", plus the hop cost calibrated here / quota"
     cluster.save(path)
     return path, cluster, dict(zip(addresses, quotas)), source
 
@@ -357,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=("plans", "fifth", "codecs"),
                         default=["plans", "fifth", "codecs"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fleet_plan.json"))
-    parser.add_argument("--no-hop-cost", action="store_true",
-                        help="leave the nodes' per-hop CPU out of the simulated cluster.json")
+    parser.add_argument("--hop-cost", action="store_true",
+                        help="add this machine's per-hop CPU / quota to each node of "
+                             "cluster.json (`defer profile` does not measure it)")
     args = parser.parse_args(argv)
     from benchmarks import cgroups
     from defer.compiler.load import load_model, sample_inputs
@@ -375,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(example_onnx("resnet50"))
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(8)] * 50
         results: dict = {}
-        hop = None if args.no_hop_cost else hop_cost(ctx, loaded, samples)
+        hop = hop_cost(ctx, loaded, samples) if args.hop_cost else None
         results["hop_cost"] = hop
         steps = {"plans": (run_plans, QUOTAS, None), "fifth": (run_fifth, (*QUOTAS, FIFTH), None),
                  "codecs": (run_codecs, QUOTAS, SHAPED_MBIT)}
@@ -392,7 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["time"]:
-        _time_main(sys.argv[2], int(sys.argv[3]))
-    else:
-        sys.exit(main())
+    sys.exit(main())
