@@ -8,6 +8,7 @@ from DEFER_TOKEN. It completes HELLO like a node (token proof included), prints 
 and answers every PROFILE by MODE:
     garbage    a PROFILE_RESULT frame whose report segment is not JSON (a malformed frame)
     foreign    a well-formed PROFILE_RESULT of kernels that are no op of the model
+    stall      as foreign, after 3 s with its loop blocked (no heartbeats): a slow device
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 from defer import __version__
 from defer.address import format_address
@@ -43,6 +45,8 @@ async def _serve(chan: Channel, mode: str, node_id: str) -> None:
         elif isinstance(msg, Profile) and mode == "garbage":
             chan.writer.write(_garbage(msg.request_id))
         elif isinstance(msg, Profile):
+            if mode == "stall":
+                time.sleep(3.0)  # blocks the loop, as a slow device's GIL-held copy does
             level = {"kernels": {"not_an_op": 1e-3, "nor_this": 2e-3}, "reorder_seconds": 0.0,
                      "reorder_bytes": 0}
             await chan.send(ProfileResult(request_id=msg.request_id, engine="onnx", threads=1,

@@ -149,7 +149,8 @@ def _kill_when_logged(node, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.parametrize("mode, says", [("garbage", "malformed reply to PROFILE"),
-                                        ("foreign", "does not fit the model")])
+                                        ("foreign", "does not fit the model"),
+                                        ("stall", "does not fit the model")])  # not "lost"
 def test_a_node_answering_a_bad_profile_is_named(model_path, nodes, tmp_path, mode, says):
     fake = start_node(token=TOKEN, command_prefix=(sys.executable, str(FAKE), mode))
     try:

@@ -9,7 +9,10 @@ one request at a time. A probe never takes over the node's chain.
         await probe.ask(Profile(...), timeout)   # the reply; refusals raise, naming the node
 
 The node's heartbeats are watched while we wait (`Channel.keepalive`), so a node that dies or
-hangs mid-request is named within a few heartbeats, not at the end of a long timeout. Every
+hangs mid-request is named within seconds, not at the end of a long timeout. A probed node
+may stay silent for PATIENCE seconds (or 3 of its heartbeats, if longer): a slow device's loop
+stalls while it takes in and copies a 100 MB model (at 0.05 of a core, 2-4 s with the GIL
+held), which is not death; one that dies closes its connection and is named at once. Every
 failure is a NodeError (AuthError, DeferTimeoutError) or a ManifestError naming the node.
 """
 
@@ -31,10 +34,11 @@ from defer.errors import (
     ProtocolError,
     UsageError,
 )
-from defer.runtime.channel import Channel
+from defer.runtime.channel import DEAD_AFTER, Channel
 from defer.runtime.protocol import MAX_TRANSFER, Echo, Error, Hello, Message, Ping, Pong
 
 ZERO_PAYLOAD = memoryview(bytes(MAX_TRANSFER))  # the payload of every timed transfer
+PATIENCE = 20.0  # seconds of a probed node's silence before it is taken for dead
 
 
 class Probe:
@@ -121,6 +125,8 @@ async def open_probe(address: str, token: str | None, tls: ssl.SSLContext | None
         except OSError as err:
             raise NodeError(f"node {address} is not reachable ({err}); is `defer serve` "
                             "running there?", node=address) from None
+        if chan.peer_heartbeat > 0:  # it promises heartbeats: wait PATIENCE for them
+            chan.peer_heartbeat = max(chan.peer_heartbeat, PATIENCE / DEAD_AFTER)
         async with asyncio.TaskGroup() as tg:
             watch = tg.create_task(chan.keepalive(0.0))  # the node's heartbeats; promise none
             try:
