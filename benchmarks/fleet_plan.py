@@ -10,11 +10,10 @@ core (cgroups: benchmarks/cgroups.py), each stage's node started in its device's
 3. codecs on 100 Mbit/s links (each node in its own network namespace, egress shaped with
    tbf): raw, lz4, zfp:1e-3, q8, q8+lz4 on the raw plan, and on the plan made for each codec.
 
-cluster.json comes from `defer profile` against the same capped nodes, empty (with
-`--hop-cost`, plus this machine's CPU per hop / quota on each node, which `defer profile` does
-not measure).
+cluster.json comes from `defer profile` against the same capped nodes, empty: each node's op
+costs and CPU per hop (defer/fleet/hops.py), every link.
 
-    python -m benchmarks.fleet_plan [--quick] [--runs R] [--hop-cost] [--only plans|fifth|codecs ...]
+    python -m benchmarks.fleet_plan [--quick] [--runs R] [--only plans|fifth|codecs ...]
 """
 
 from __future__ import annotations
@@ -36,29 +35,6 @@ SHAPED_MBIT = 100
 # A window deep enough that a device throttled for the rest of its CFS period (100 ms) does not
 # starve the others: with the default (8 for 4 stages) capped chains lost 10-15% to that.
 INFLIGHT = 24
-
-
-def hop_cost(ctx: Context, loaded, samples) -> dict[str, float]:
-    """A node's CPU per hop beyond its engine on this machine, uncapped: a 2-node ResNet50
-    chain on loopback, each node's CPU minus its onnxruntime time per inference, solved for
-    seconds per message and per byte moved (in + out)."""
-    import numpy as np
-
-    from defer.compiler import compile_model
-    from defer.local import LocalCluster
-
-    manifest = compile_model(loaded, 2, ctx.work_dir / "hop-cost")
-    with LocalCluster(manifest) as cluster:
-        stats = chain_stats(manifest, cluster.addresses, samples[:120], warmup=5)
-    moved = [h["bytes_per_inference"] for h in stats["hops"]]
-    rows = [[1.0, moved[i] + moved[i + 1]] for i in range(2)]
-    extra = [s["cpu_s_per_inference"] - s["ort_ms_per_inference"] / 1e3 for s in stats["stages"]]
-    per_message, per_byte = np.linalg.lstsq(np.array(rows), np.array(extra), rcond=None)[0]
-    per_message, per_byte = max(float(per_message), 0.0), max(float(per_byte), 0.0)
-    ctx.log(f"  hop cost here: {per_message * 1e3:.2f} ms per message + "
-            f"{per_byte * 1e9:.2f} ns per byte (node CPU beyond onnxruntime: "
-            f"{', '.join(f'{e * 1e3:.2f}' for e in extra)} ms)")
-    return {"per_message_s": per_message, "per_byte_s": per_byte}
 
 
 class CappedNodes:
@@ -195,11 +171,13 @@ def run_fifth(ctx: Context, loaded, cluster_path: Path, cluster, quota_of, sampl
         raise RuntimeError(f"defer plan failed: {said.output}")
     report = json.loads((ctx.work_dir / "fifth.json").read_text())
     chosen = compile_model(loaded, None, ctx.work_dir / "fifth", cluster=str(cluster_path))
-    five = compile_model(loaded, 5, ctx.work_dir / "five", cluster=str(cluster_path))
+    other = compile_model(loaded, 9 - len(chosen.stages) if len(chosen.stages) in (4, 5) else 5,
+                          ctx.work_dir / "other", cluster=str(cluster_path))
     out = {"plan_advice": report["advice"], "plan_best_n": report["best"]["n"],
            "predicted": {r["n"]: r["throughput"] for r in report["tables"]["raw"]},
-           "compiled_n": len(chosen.stages)}
-    for name, manifest in (("chosen", chosen), ("five", five)):
+           "compiled_n": len(chosen.stages), "other_n": len(other.stages),
+           "plan_output": said.output}
+    for name, manifest in (("chosen", chosen), ("other", other)):
         out[name] = measure(ctx, manifest, cluster, quota_of, samples)
         out[name]["fleet"] = predict(manifest)
         ctx.log(f"  {name} ({len(manifest.stages)} devices): "
@@ -230,8 +208,7 @@ def run_codecs(ctx: Context, loaded, cluster_path: Path, cluster, quota_of, samp
 
 
 def render(results: dict) -> str:
-    parts = [f"cluster.json: {r['cluster_source']}" for r in results.values()
-             if isinstance(r, dict) and "cluster_source" in r][:1]
+    parts = ["cluster.json: `defer profile` against the capped nodes"]
     if "plans" in results:
         p = results["plans"]
         rows = [[name, " > ".join(f"{c:g}" for c in p[name]["cores"]), str(p[name]["bounds"]),
@@ -243,11 +220,13 @@ def render(results: dict) -> str:
                      f"predicted {p['profile_of_prediction']:.0%}")
     if "fifth" in results:
         f = results["fifth"]
+        parts.append(f["plan_output"].rstrip())
         parts.append(f"fifth device at {FIFTH} core: plan's best n = {f['plan_best_n']}, "
                      f"compile without -n chose {f['compiled_n']}; predicted by n "
                      + ", ".join(f"{n}: {t:.2f}" for n, t in f["predicted"].items())
-                     + f"; measured chosen {fmt_spread(f['chosen']['throughput'])}, five "
-                       f"{fmt_spread(f['five']['throughput'])}\n  plan says: "
+                     + f"; measured chosen ({f['compiled_n']}) "
+                       f"{fmt_spread(f['chosen']['throughput'])}, other ({f['other_n']}) "
+                       f"{fmt_spread(f['other']['throughput'])}\n  plan says: "
                      + "; ".join(f["plan_advice"]))
     if "codecs" in results:
         rows = [[r["codec"], r["plan"], str(r["bounds"]), fmt_spread(r["throughput"]),
@@ -257,11 +236,9 @@ def render(results: dict) -> str:
     return "\n".join(parts)
 
 
-def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None,
-             hop: dict[str, float] | None = None):
-    """(path, Cluster, {device address: quota}, source) for these quotas: `defer profile`
-    against empty nodes so capped, with `hop` (this machine's hop cost) / quota added to each
-    node when given (`defer profile` does not measure a hop's CPU)."""
+def _cluster(ctx: Context, quotas, shaped_mbit: float | None = None):
+    """(path, Cluster, {device address: quota}) for these quotas: `defer profile` against
+    empty nodes so capped (op costs, each node's CPU per hop, links)."""
     from defer.examples import example_onnx
     from defer.fleet.profile import ProfileOptions, profile_fleet
 
@@ -269,13 +246,8 @@ def _cluster(ctx: Context, loaded, quotas, shaped_mbit: float | None = None,
     with CappedNodes([None] * len(quotas), list(quotas), shaped_mbit) as addresses:
         cluster = profile_fleet(example_onnx("resnet50"), ProfileOptions(
             nodes=tuple(addresses), sequential=True))
-    source = "defer profile against the capped nodes"
-    if hop:
-        for node, quota in zip(cluster.nodes, quotas):
-            node.extra["hop_cost"] = {k: v / quota for k, v in hop.items()}
-        source += ", plus the hop cost calibrated here / quota"
     cluster.save(path)
-    return path, cluster, dict(zip(addresses, quotas)), source
+    return path, cluster, dict(zip(addresses, quotas))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,9 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=("plans", "fifth", "codecs"),
                         default=["plans", "fifth", "codecs"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fleet_plan.json"))
-    parser.add_argument("--hop-cost", action="store_true",
-                        help="add this machine's per-hop CPU / quota to each node of "
-                             "cluster.json (`defer profile` does not measure it)")
     args = parser.parse_args(argv)
     from benchmarks import cgroups
     from defer.compiler.load import load_model, sample_inputs
@@ -305,16 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(example_onnx("resnet50"))
         samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(8)] * 50
         results: dict = {}
-        hop = hop_cost(ctx, loaded, samples) if args.hop_cost else None
-        results["hop_cost"] = hop
         steps = {"plans": (run_plans, QUOTAS, None), "fifth": (run_fifth, (*QUOTAS, FIFTH), None),
                  "codecs": (run_codecs, QUOTAS, SHAPED_MBIT)}
         for name in args.only:
             step, quotas, shaped = steps[name]
             ctx.log(f"fleet_plan: {name} on {' / '.join(f'{q:g}' for q in quotas)} core")
-            path, cluster, quota_of, source = _cluster(ctx, loaded, quotas, shaped, hop)
+            path, cluster, quota_of = _cluster(ctx, quotas, shaped)
             results[name] = step(ctx, loaded, path, cluster, quota_of, samples)
-            results[name]["cluster_source"] = source
+            results[name]["hop_cost"] = {n.address: n.extra.get("hop_cost")
+                                         for n in cluster.nodes}
     results["elapsed_s"] = time.perf_counter() - started
     results["command"] = " ".join(["python -m benchmarks.fleet_plan", *(argv or sys.argv[1:])])
     return write_result(args.out, results, render(results) + f"\ntook {results['elapsed_s']:.0f} s, "

@@ -87,6 +87,8 @@ def test_profile_writes_a_cluster_whose_op_costs_predict_each_stage(model_path, 
         assert list(node.op_costs) == [op.name for op in info.ops]  # the compiler's op names
         assert node.engine == "onnx" and node.threads == 1 and node.memory_free > 0
         assert set(node.extra["profile"]) == {"basic", "all"}
+        hop = node.extra["hop_cost"]  # its CPU per message and per byte moved
+        assert 0 < hop["per_message_s"] < 0.01 and 0 <= hop["per_byte_s"] < 1e-7
     pairs = {(link.source, link.target) for link in cluster.links}
     ends = ["dispatcher", *(n.address for n in nodes)]
     assert pairs == {(a, b) for a in ends for b in ends if a != b}  # dispatcher<->node, i->j

@@ -8,7 +8,8 @@
    proof, TLS with `tls_ca`): its facts come with the HELLO (engines, max model size).
 3. Every node profiles the model with its own engine and thread count (PROFILE; in parallel,
    or one node at a time with `sequential` when nodes share CPUs). A model over the node's
-   `max_model_size` goes in chunks. The replies become per-op seconds (`work.read`).
+   `max_model_size` goes in chunks. The replies become per-op seconds (`work.read`). Then
+   the node's CPU per hop is read off its own clock (`hops.measure_hop_cost`).
 4. Links are timed one at a time, after all profiling: dispatcher -> node and node ->
    dispatcher for every node, and node -> node for every ordered pair the planner may chain
    (`links.measure_link`).
@@ -33,6 +34,7 @@ from defer import __version__, progress
 from defer.address import parse_address
 from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
 from defer.errors import DeferError, NodeError, UsageError
+from defer.fleet.hops import clock, core_share, measure_hop_cost
 from defer.fleet.work import BadProfile, TooSmall, Work, prepare
 from defer.runtime.channel import client_tls
 from defer.runtime.links import DEFAULT_MAX_SIZE, DEFAULT_SECONDS, measure_link
@@ -161,7 +163,7 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
     except TooSmall as err:
         raise TooSmall(f"it accepts models up to {max_size / 2**20:.1f} MiB (--max-model-size) "
                        f"but {err}; raise its --max-model-size or leave it out") from None
-    results = []
+    results, before = [], await clock(probe, opts.timeout)
     for request in requests:
         on_step(probe.address, "profile")
         reply = await probe.ask(request, opts.timeout)
@@ -173,13 +175,16 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
     except (BadProfile, KeyError, ValueError) as err:
         raise BadProfile(f"its profile does not fit the model: {err}") from None
     facts = results[-1]
+    share = core_share(before, await clock(probe, opts.timeout))
+    hop_cost = await measure_hop_cost(probe, opts.timeout, share)
     log.info("node %s: %d ops, %.2f ms in all (%s, %d thread(s)), profiled in %.1f s",
              probe.address, len(op_costs), 1e3 * sum(op_costs.values()), facts.engine,
              facts.threads, sum(r.seconds for r in results))
     return NodeProfile(probe.address, facts.engine, facts.threads, facts.cores,
                        facts.memory_free, op_costs,
                        {**extra, "max_model_size": max_size, "defer": probe.info.get("defer"),
-                        "profile_seconds": sum(r.seconds for r in results)})
+                        "profile_seconds": sum(r.seconds for r in results),
+                        **({"hop_cost": hop_cost} if hop_cost else {})})
 
 
 async def _time_links(probes: list[Probe], problems: dict[str, str], opts: ProfileOptions,
