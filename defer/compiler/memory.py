@@ -37,9 +37,20 @@ class StageMemory:
         return int(sum(int(self.weight_bytes[w]) for w in weights) + self.received[a]
                    + np.sum(self.produced[a:b]))
 
-    def smallest_stage(self) -> int:
-        """The least memory any one-op stage needs (what the error message quotes)."""
-        return min(self.of(a, a + 1) for a in range(self.n_ops))
+    def largest_op(self) -> int:
+        """The most memory any one-op stage needs: no cap below it admits any plan."""
+        return max(self.of(a, a + 1) for a in range(self.n_ops))
+
+    def fewest_stages(self, cap: float) -> int | None:
+        """The fewest stages that each fit in `cap` (greedy: each stage runs as far as the cap
+        lets it, which is optimal as a later start never reaches less far), or None when one
+        op alone is over it."""
+        reach, a, count = self.reach(cap), 0, 0
+        while a < self.n_ops:
+            if reach[a] <= a:
+                return None
+            a, count = int(reach[a]), count + 1
+        return count
 
     def reach(self, cap: float) -> np.ndarray:
         """(N+1,) int: for each start a, the largest b >= a with memory(a, b) <= cap."""
