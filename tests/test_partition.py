@@ -151,14 +151,18 @@ def test_plan_repr_is_one_line():
     assert "\n" not in repr(plan) and "cuts=[3]" in repr(plan)
 
 
+def _random_memory(n_ops: int, seed: int) -> StageMemory:
+    rng = np.random.default_rng(seed)
+    n_weights = int(rng.integers(1, 5))
+    return StageMemory([rng.integers(0, n_weights, rng.integers(0, 3)).tolist()
+                        for _ in range(n_ops)], rng.integers(0, 5, n_weights),
+                       rng.integers(0, 3, n_ops), rng.integers(0, 4, n_ops + 1))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 12), st.integers(0, 2**16), st.floats(0.0, 30.0))
 def test_memory_reach_is_the_last_end_under_the_cap(n_ops, seed, cap):
-    rng = np.random.default_rng(seed)
-    n_weights = int(rng.integers(1, 5))
-    memory = StageMemory([rng.integers(0, n_weights, rng.integers(0, 3)).tolist()
-                          for _ in range(n_ops)], rng.integers(0, 5, n_weights),
-                         rng.integers(0, 3, n_ops), rng.integers(0, 4, n_ops + 1))
+    memory = _random_memory(n_ops, seed)
     reach = memory.reach(cap)
     for a in range(n_ops):
         fits = [b for b in range(a + 1, n_ops + 1) if _memory(memory, a, b) <= cap]
@@ -170,11 +174,7 @@ def test_memory_reach_is_the_last_end_under_the_cap(n_ops, seed, cap):
 @given(st.integers(1, 9), st.integers(0, 2**16), st.floats(0.0, 30.0))
 def test_fewest_stages_under_a_cap_is_brute_forces(n_ops, seed, cap):
     """What the memory error quotes: the least stage count whose stages all fit the cap."""
-    rng = np.random.default_rng(seed)
-    n_weights = int(rng.integers(1, 5))
-    memory = StageMemory([rng.integers(0, n_weights, rng.integers(0, 3)).tolist()
-                          for _ in range(n_ops)], rng.integers(0, 5, n_weights),
-                         rng.integers(0, 3, n_ops), rng.integers(0, 4, n_ops + 1))
+    memory = _random_memory(n_ops, seed)
     counts = [len(cuts) + 1 for k in range(n_ops)
               for cuts in itertools.combinations(range(1, n_ops), k)
               if all(_memory(memory, a, b) <= cap
