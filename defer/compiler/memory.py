@@ -42,15 +42,32 @@ class StageMemory:
         return max(self.of(a, a + 1) for a in range(self.n_ops))
 
     def fewest_stages(self, cap: float) -> int | None:
-        """The fewest stages that each fit in `cap` (greedy: each stage runs as far as the cap
-        lets it, which is optimal as a later start never reaches less far), or None when one
-        op alone is over it."""
-        reach, a, count = self.reach(cap), 0, 0
-        while a < self.n_ops:
-            if reach[a] <= a:
-                return None
-            a, count = int(reach[a]), count + 1
-        return count
+        """The fewest stages that each fit in `cap`, or None when no split fits. A breadth-first
+        search over cut positions: from a, one stage reaches any end in (a, reach[a]] (not
+        greedy: what a stage receives at its start varies, so a later start may reach less)."""
+        reach, n = self.reach(cap), self.n_ops
+        unseen = list(range(1, n + 2))  # unseen[i]: the first position >= i not reached yet
+
+        def first_unseen(i: int) -> int:
+            while unseen[i - 1] != i:
+                unseen[i - 1] = unseen[unseen[i - 1] - 1]
+                i = unseen[i - 1]
+            return i
+
+        frontier, stages = [0], 0
+        while frontier:
+            stages += 1
+            reached = []
+            for a in frontier:
+                b = first_unseen(a + 1)
+                while b <= reach[a]:
+                    if b == n:
+                        return stages
+                    reached.append(b)
+                    unseen[b - 1] = b + 1
+                    b = first_unseen(b + 1)
+            frontier = reached
+        return None
 
     def reach(self, cap: float) -> np.ndarray:
         """(N+1,) int: for each start a, the largest b >= a with memory(a, b) <= cap."""
