@@ -1,7 +1,8 @@
 """`defer profile` against real node processes on loopback: a valid cluster.json whose op costs
-predict each stage's measured time; a node killed mid-profile, one that answers a malformed or
-foreign profile, an unreachable one and a too-small one are each named on one line and nothing
-is written, unless --skip-bad; models over a node's --max-model-size go in chunks; a probe
+predict each stage's measured time, with each node's CPU per hop; a node killed mid-profile,
+one that answers a malformed or foreign profile, an unreachable one and a too-small one are
+each named on one line and nothing is written, unless --skip-bad (one silent for 3 s, as a slow
+device is while it takes in a model, is not taken for dead); models over a node's --max-model-size go in chunks; a probe
 connection is authenticated like any other."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from defer.cluster import load_cluster
 from defer.compiler import analyse, compile_model, load_model
 from defer.compiler.profile import Profile, costs_from_profile
 from defer.engines.profiling import KernelProfile
+from defer.fleet.hops import core_share
 from defer.fleet.profile import FleetError, ProfileOptions, profile_fleet
 from defer.local import start_node, stop_processes
 from defer.runtime import protocol as p
@@ -215,6 +217,13 @@ def test_a_probe_must_authenticate_before_anything_else(nodes):
                 decoder.feed(data)
                 replies += list(iter(decoder.next, None))
             assert not any(isinstance(r, p.Echo | p.LinkResult) for r in replies)
+
+
+def test_a_node_s_hop_cost_is_in_its_own_seconds():
+    # CPU over wall while it profiled flat out: 0.1 of a core makes a hop's CPU 10x longer
+    assert core_share((10.0, 100.0), (11.0, 110.0)) == pytest.approx(0.1)
+    assert core_share((0.0, 0.0), (3.0, 2.0)) == 1.0  # engine threads: never above a core
+    assert core_share(None, (1.0, 1.0)) == 1.0 and core_share((1.0, 5.0), (1.0, 5.0)) == 1.0
 
 
 def _free_port() -> int:
