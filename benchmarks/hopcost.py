@@ -7,8 +7,9 @@ node, node i pinned to core i % cores), raw codec. For each node and inference:
 - `ort_ms`: the same stage bundle timed alone in this process (thread CPU time, median);
 - `overhead_ms` = cpu_ms - ort_ms: what the hop costs the node beyond onnxruntime.
 Against the whole model in one process (pinned, one thread): the chain's CPU-seconds per
-inference over the single process's. Then `hopfit`: this machine's hop cost as a line (per
-request + per byte received + per byte sent), from one node running trivial bundles. Thread clocks are read from outside the nodes
+inference over the single process's. Then this machine's hop cost as a line (per request +
+per byte received + per byte sent; defer/calibrate.py, what `defer compile` prices), from one
+node running trivial bundles. Thread clocks are read from outside the nodes
 (the process's CPU clock, /proc for the main thread), so nothing in the node is changed to measure it.
 """
 
@@ -18,15 +19,12 @@ import os
 import statistics
 import time
 
-from benchmarks import hopfit
 from benchmarks.common import Context, chain_stats, fmt_spread, single_device, spread, table
+from defer.calibrate import process_cpu
+
+__all__ = ["process_cpu", "render", "run", "run_manifest"]
 
 SIZES = (2, 8)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds of process `pid`, all threads (its kernel CPU clock, nanosecond grain)."""
-    return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
 
 
 def loop_cpu(pid: int) -> float:
@@ -90,8 +88,8 @@ def run(ctx: Context, loaded, samples: list[dict]) -> dict:
         out[f"n{n}"] = run_manifest(ctx, manifest, loaded.model, samples)
         ctx.log(f"  n={n}: node overhead {out[f'n{n}']['mean_overhead_ms']['median']:.2f} ms/inf, "
                 f"chain CPU / single x{out[f'n{n}']['chain_over_single']['median']:.2f}")
-    out["fit"] = hopfit.fit(ctx.work_dir / "hopfit", count=ctx.count)
-    ctx.log("  " + hopfit.render(out["fit"]).splitlines()[-1])
+    out["fit"] = fit(ctx)
+    ctx.log("  " + render_fit(out["fit"]).splitlines()[-1])
     return out
 
 
@@ -134,4 +132,21 @@ def render(result: dict) -> str:
                      f"chain/single CPU x{fmt_spread(entry['chain_over_single'])}"])
     chains = table(["chain", "node", "ort ms (alone)", "CPU ms", "loop thread ms",
                     "beyond ort ms", "MB in"], rows)
-    return chains + ("\n\n" + hopfit.render(result["fit"]) if "fit" in result else "")
+    return chains + ("\n\n" + render_fit(result["fit"]) if "fit" in result else "")
+
+
+def fit(ctx: Context) -> dict:
+    """This machine's hop cost line, fitted as `defer compile` calibrates it."""
+    from defer import calibrate
+
+    fitted = calibrate.fit(ctx.work_dir / "hopfit", count=ctx.count)
+    return {**fitted["hop"].to_dict(), "points": fitted["points"]}
+
+
+def render_fit(result: dict) -> str:
+    from defer.hop import HopCost
+
+    rows = [[kind, f"{size / 1e6:.3f}", f"{cost * 1e3:.3f}"]
+            for kind, points in result["points"].items() for size, cost in points]
+    lines = table(["side", "MB per request", "node CPU ms beyond the op"], rows)
+    return f"{lines}\nhop cost: {HopCost.from_dict(result, 'this machine').describe()}"

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import click
 
-from defer.cli.common import heartbeat_option, resolve_token, token_options
+from defer.cli.common import (
+    heartbeat_option,
+    machine_hop_cost,
+    predicted_vs_measured,
+    record_measured,
+    resolve_token,
+    token_options,
+)
 from defer.codecs import CODEC_HELP
 from defer.engines import FORMATS
 from defer.local import RunOptions
@@ -167,6 +174,8 @@ def dispatch(manifest_path: Path, nodes: str | None, cluster_path: Path | None,
         writer.close()
     stats["dispatcher_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     click.echo(format_report(stats))
+    click.echo(f"  {predicted_vs_measured(manifest.plan, stats['throughput'])}")
+    record_measured(manifest, stats["throughput"], "defer dispatch", len(chain))
     click.echo(f"  dispatcher peak RSS {stats['dispatcher_peak_rss_mb']:.0f} MB")
     if report_path is not None:
         report_path.write_text(json.dumps(stats, indent=2) + "\n")
@@ -228,6 +237,8 @@ def run(model: Path | None, report_path: Path | None, **fields) -> None:
     from defer.runtime.report import format_report
 
     options = RunOptions(**fields).checked()
+    if model is None or not model.is_dir():
+        machine_hop_cost()  # measured once per machine; the compile prices it
     # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup stops every node process.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
@@ -239,6 +250,7 @@ def run(model: Path | None, report_path: Path | None, **fields) -> None:
     click.echo(f"single process ({single['reference']}, 1 thread): "
                f"{single['throughput']:.1f} inferences/s, latency p50 "
                f"{single['latency_ms']['p50']:.2f} ms")
+    click.echo(f"chain: {predicted_vs_measured(report['plan'], report['chain']['throughput'])}")
     click.echo(f"speed-up {report['speedup']:.2f}x; fidelity: max abs error "
                f"{fid['max_abs']:.3g}, max relative error {fid['max_rel']:.3g} "
                f"(codec bound per hop {fid['codec_bound_per_hop']:g})")
