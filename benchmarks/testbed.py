@@ -10,7 +10,9 @@ with CORE, so a fleet can be tried before it is bought:
 
 Each figure is the median over `runs` of the speed-up measured in one run (single device and
 chain alternate, so both see the same machine load), printed beside the plan's prediction:
-total op compute / the slowest predicted stage (`manifest.plan`). The dispatcher runs uncapped
+total op compute / the slowest predicted stage (`manifest.plan`), each stage priced with this
+machine's hop cost (defer/calibrate.py) at the quota's speed; the prediction with hops free
+(the plan made without it) is shown too. The dispatcher runs uncapped
 in this process. Cgroups and namespaces are removed on every exit path (SIGTERM included).
 Without writable cgroups the scenario says why in one line and is skipped.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from benchmarks import cgroups
 from benchmarks.common import Context, chain_stats, fmt_spread, spread, table
+from defer.calibrate import machine_hop_cost
 
 SCENARIOS = ((8, 0.2, None), (4, 0.4, None))  # devices, cores per device, link Mbit/s
 LINKED = ((8, 0.2, 1000),)  # added to full runs when network namespaces are available
@@ -174,9 +177,14 @@ def _run_scenario(ctx: Context, scenario: Scenario, loaded, samples: list[dict],
     # nodes receive the next request while computing, hence `overlap`.
     extra = {"bandwidth": scenario.link_mbit * 1e6 / 8, "local_input": True, "overlap": True} \
         if scenario.link_mbit else {}
-    manifest = compile_model(loaded, scenario.devices,
-                             ctx.work_dir / f"testbed-{scenario.devices}-{scenario.link_mbit}",
-                             speeds=[scenario.cores] * scenario.devices, **extra)
+    # This machine's hop cost (defer/calibrate.py, measured once), divided by the quota like
+    # the ops; the plan without it is made too, to show what pricing the hop changes.
+    where = ctx.work_dir / f"testbed-{scenario.devices}-{scenario.link_mbit}"
+    speeds = [scenario.cores] * scenario.devices
+    manifest = compile_model(loaded, scenario.devices, where, speeds=speeds,
+                             hop_cost=machine_hop_cost(), **extra)
+    unpriced = compile_model(loaded, scenario.devices, where.with_name(where.name + "-ops"),
+                             speeds=speeds, hop_cost=None, **extra)
     single_count = max(8, ctx.count // 10)
     ratios, runs = [], []
     with SingleDevice(model_path, scenario.cores, single_count) as single, \
@@ -195,10 +203,15 @@ def _run_scenario(ctx: Context, scenario: Scenario, loaded, samples: list[dict],
                          "hop_bytes": [h["bytes_per_inference"] for h in stats["hops"]]})
             ratios.append(stats["throughput"] / alone["throughput"])
     predicted = predicted_speedup(manifest.plan)
+    ops_only = predicted_speedup(unpriced.plan)
     measured = spread(ratios)
-    ctx.log(f"  {scenario.label}: x{fmt_spread(measured)} measured, x{predicted:.2f} predicted")
+    ctx.log(f"  {scenario.label}: x{fmt_spread(measured)} measured, x{predicted:.2f} predicted "
+            f"(x{ops_only:.2f} with hops free)")
     return {"devices": scenario.devices, "cores": scenario.cores,
             "link_mbit": scenario.link_mbit, "speedup": measured, "predicted": predicted,
+            "predicted_hops_free": ops_only, "hop_cost": manifest.plan.get("hop_cost"),
+            "cuts_hops_free": unpriced.plan["bounds"][1:-1],
+            "predicted_throughput": manifest.plan["throughput"],
             "of_predicted": measured["median"] / predicted,
             "single_throughput": statistics.median(r["single"]["throughput"] for r in runs),
             "chain_throughput": statistics.median(r["chain_throughput"] for r in runs),
@@ -232,11 +245,14 @@ def render(result: dict) -> str:
     for r in result.values():
         link = f"{r['link_mbit']:g} Mbit/s" if r["link_mbit"] else "loopback"
         rows.append([r["devices"], f"{r['cores']:g}", link, f"{r['single_throughput']:.2f}",
-                     f"{r['chain_throughput']:.2f}", f"x{fmt_spread(r['speedup'])}",
+                     f"{r['chain_throughput']:.2f}", f"{r.get('predicted_throughput', 0):.2f}",
+                     f"x{fmt_spread(r['speedup'])}",
                      f"x{r['predicted']:.2f}", f"{r['of_predicted']:.0%}",
+                     f"x{r['predicted_hops_free']:.2f}" if "predicted_hops_free" in r else "",
                      f"x{r['cpu_vs_single']:.2f}"])
-    return table(["devices", "core each", "link", "single inf/s", "chain inf/s", "speed-up",
-                  "predicted", "of predicted", "CPU/inf vs single"], rows)
+    return table(["devices", "core each", "link", "single inf/s", "chain inf/s",
+                  "predicted inf/s", "speed-up",
+                  "predicted", "of predicted", "hops free", "CPU/inf vs single"], rows)
 
 
 def plot(result: dict, path: Path, plt) -> None:
