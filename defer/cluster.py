@@ -31,7 +31,10 @@ What `defer profile` (defer/fleet) writes in each field:
   `costs_from_profile(info, Profile(KernelProfile.from_dict(p["basic"]),
   KernelProfile.from_dict(p["all"])))`; "io_seconds_per_byte" (TFLite: the cut price,
   `OpTimes.boundary`); "profile_chunks" (requests it took: > 1 when the model was over the
-  node's "max_model_size"); "defer" (its version); "profile_seconds".
+  node's "max_model_size"); "defer" (its version); "profile_seconds"; "hop_cost"
+  {per_message_s, recv_per_byte_s, send_per_byte_s} (or one per_byte_s for both sides): the
+  node's CPU per hop beyond its engine, which the planner adds to its stages (defer/hop.py;
+  `defer.calibrate` measures it on the machine it runs on; `defer profile` does not yet).
 - links: bandwidth from the slope of round-trip time over transfer size (so RTT and a token
   bucket's burst cancel out), rtt the median of empty round trips (defer/runtime/links.py).
 """
