@@ -104,3 +104,20 @@ def test_calibration_fits_a_nonnegative_line_from_a_real_node(tmp_path):
     assert [s for s, _ in result["points"]["recv"]] == [4096, 1 << 20]
     # a node spends something per request beyond its op: between 1 us and 50 ms
     assert all(1e-6 < c < 5e-2 for p in result["points"].values() for _, c in p)
+
+
+def test_a_node_announces_its_hop_cost_and_profile_records_only_a_well_formed_one(caplog):
+    from defer.fleet.profile import announced_hop_cost
+    from defer.runtime.node import Node
+    from defer.runtime.options import NodeConfig
+
+    node = Node(NodeConfig(port=0, hop_cost=HOP.to_dict()))
+    try:
+        facts = node.facts()
+    finally:
+        node.pipeline.close()
+    recorded = announced_hop_cost("n:1", facts)["hop_cost"]
+    assert hop.HopCost.from_dict(recorded).send_per_byte_s == HOP.send_per_byte_s
+    assert announced_hop_cost("n:1", {"hop_cost": None}) == {}
+    assert announced_hop_cost("n:1", {"hop_cost": {"per_message_s": "soon"}}) == {}
+    assert "malformed hop cost" in caplog.text

@@ -61,8 +61,13 @@ def _file(**kwargs):
               help="Largest model this node accepts to profile (`defer profile`; larger models "
                    "arrive in chunks), announced in HELLO; e.g. 256MiB.  [default: a quarter of "
                    "the memory available at start, 64 MiB to 1 GiB]")
+@click.option("--hop-cost", "hop_cost", type=click.Choice(["auto", "none"]), default="none",
+              show_default=True,
+              help="auto: measure this device's CPU per hop once (~15 s, cached in "
+                   "~/.cache/defer/hop_cost.json) and announce it in HELLO, so `defer profile` "
+                   "records it in cluster.json and fleet plans price it.")
 def serve(token: str | None, token_file: Path | None, max_model_size: str | None,
-          **fields) -> None:
+          hop_cost: str, **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
@@ -78,8 +83,9 @@ def serve(token: str | None, token_file: Path | None, max_model_size: str | None
     from defer.units import parse_size
 
     size = int(parse_size(max_model_size)) if max_model_size else None
-    run_node(NodeConfig(token=resolve_token(token, token_file), max_model_size=size, **fields),
-             ready)
+    hop = machine_hop_cost(hop_cost)  # before listening: the ready line means ready
+    run_node(NodeConfig(token=resolve_token(token, token_file), max_model_size=size,
+                        hop_cost=hop.to_dict() if hop else None, **fields), ready)
 
 
 @click.command("dispatch")

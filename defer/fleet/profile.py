@@ -34,6 +34,7 @@ from defer.address import parse_address
 from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
 from defer.errors import DeferError, NodeError, UsageError
 from defer.fleet.work import BadProfile, TooSmall, Work, prepare
+from defer.hop import HopCost
 from defer.runtime.channel import client_tls
 from defer.runtime.links import DEFAULT_MAX_SIZE, DEFAULT_SECONDS, measure_link
 from defer.runtime.probe import Probe, open_probe
@@ -179,7 +180,21 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
     return NodeProfile(probe.address, facts.engine, facts.threads, facts.cores,
                        facts.memory_free, op_costs,
                        {**extra, "max_model_size": max_size, "defer": probe.info.get("defer"),
-                        "profile_seconds": sum(r.seconds for r in results)})
+                        "profile_seconds": sum(r.seconds for r in results),
+                        **announced_hop_cost(probe.address, probe.info)})
+
+
+def announced_hop_cost(address: str, info: dict) -> dict:
+    """{"hop_cost": ...} if the node announced a well-formed one in its HELLO (`defer serve
+    --hop-cost auto`), else {} (a malformed one is logged and left out)."""
+    if not info.get("hop_cost"):
+        return {}
+    try:
+        return {"hop_cost": HopCost.from_dict(info["hop_cost"], "the node").to_dict()}
+    except (TypeError, ValueError) as err:
+        log.warning("node %s announced a malformed hop cost (%s); planning without it",
+                    address, err)
+        return {}
 
 
 async def _time_links(probes: list[Probe], problems: dict[str, str], opts: ProfileOptions,
