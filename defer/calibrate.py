@@ -17,6 +17,7 @@ runtime. The compiler reads the cached figure through defer.hop only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -48,10 +49,9 @@ def machine_hop_cost(measure: bool = True, count: int = 100) -> hops.HopCost | N
     log.info("measuring this machine's hop cost once (cached at %s)", hops.CACHE_PATH)
     with tempfile.TemporaryDirectory(prefix="defer-hop-") as tmp:
         fitted = fit(Path(tmp), count=count)
-    hop = fitted["hop"]
+    hop = dataclasses.replace(fitted["hop"], source="calibrated on this machine")
     hops.save(hop, points=fitted["points"], count=count)
-    return hops.HopCost(hop.per_message_s, hop.recv_per_byte_s, hop.send_per_byte_s,
-                        "calibrated on this machine")
+    return hop
 
 
 def fit(work_dir: Path, count: int = 100, sizes: tuple[int, ...] = SIZES,

@@ -257,6 +257,11 @@ def run(model: Path | None, report_path: Path | None, **fields) -> None:
                f"{single['throughput']:.1f} inferences/s, latency p50 "
                f"{single['latency_ms']['p50']:.2f} ms")
     click.echo(f"chain: {predicted_vs_measured(report['plan'], report['chain']['throughput'])}")
+    if options.out_dir is not None:
+        from defer.manifest import load_manifest
+
+        record_measured(load_manifest(options.out_dir), report["chain"]["throughput"],
+                        "defer run", report["n_stages"])
     click.echo(f"speed-up {report['speedup']:.2f}x; fidelity: max abs error "
                f"{fid['max_abs']:.3g}, max relative error {fid['max_rel']:.3g} "
                f"(codec bound per hop {fid['codec_bound_per_hop']:g})")
