@@ -125,7 +125,8 @@ def test_systemd_reads_the_token_from_its_credential(manifest, tmp_path):
     for line in ("DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
                  "Restart=on-failure", "LoadCredential=token:/etc/defer/token"):
         assert line in unit.splitlines()
-    assert '$$CREDENTIALS_DIRECTORY/token' in unit and "--token" not in unit
+    assert "Environment=DEFER_TOKEN_FILE=%d/token" in unit.splitlines()
+    assert "--token" not in unit and "sh -c" not in unit
     for stage, address in zip(manifest.stages, NODES):
         env = dict(line.split("=", 1) for line in files[f"node-{stage.index}.env"].splitlines()
                    if not line.startswith("#"))

@@ -151,19 +151,37 @@ def test_plan_repr_is_one_line():
     assert "\n" not in repr(plan) and "cuts=[3]" in repr(plan)
 
 
+def _random_memory(n_ops: int, seed: int) -> StageMemory:
+    rng = np.random.default_rng(seed)
+    n_weights = int(rng.integers(1, 5))
+    return StageMemory([rng.integers(0, n_weights, rng.integers(0, 3)).tolist()
+                        for _ in range(n_ops)], rng.integers(0, 5, n_weights),
+                       rng.integers(0, 3, n_ops), rng.integers(0, 4, n_ops + 1))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 12), st.integers(0, 2**16), st.floats(0.0, 30.0))
 def test_memory_reach_is_the_last_end_under_the_cap(n_ops, seed, cap):
-    rng = np.random.default_rng(seed)
-    n_weights = int(rng.integers(1, 5))
-    memory = StageMemory([rng.integers(0, n_weights, rng.integers(0, 3)).tolist()
-                          for _ in range(n_ops)], rng.integers(0, 5, n_weights),
-                         rng.integers(0, 3, n_ops), rng.integers(0, 4, n_ops + 1))
+    memory = _random_memory(n_ops, seed)
     reach = memory.reach(cap)
     for a in range(n_ops):
         fits = [b for b in range(a + 1, n_ops + 1) if _memory(memory, a, b) <= cap]
         assert reach[a] == (max(fits) if fits else a)
         assert fits == list(range(a + 1, reach[a] + 1))  # grows with b: an interval
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 2**16), st.floats(0.0, 30.0))
+def test_fewest_stages_under_a_cap_is_brute_forces(n_ops, seed, cap):
+    """What the memory error quotes: the least stage count whose stages all fit the cap."""
+    memory = _random_memory(n_ops, seed)
+    counts = [len(cuts) + 1 for k in range(n_ops)
+              for cuts in itertools.combinations(range(1, n_ops), k)
+              if all(_memory(memory, a, b) <= cap
+                     for a, b in zip((0, *cuts), (*cuts, n_ops)))]
+    assert memory.fewest_stages(cap) == (min(counts) if counts else None)
+    if not counts:
+        assert memory.largest_op() > cap
 
 
 def test_large_problem_needs_no_square_matrix():

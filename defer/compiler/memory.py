@@ -37,9 +37,37 @@ class StageMemory:
         return int(sum(int(self.weight_bytes[w]) for w in weights) + self.received[a]
                    + np.sum(self.produced[a:b]))
 
-    def smallest_stage(self) -> int:
-        """The least memory any one-op stage needs (what the error message quotes)."""
-        return min(self.of(a, a + 1) for a in range(self.n_ops))
+    def largest_op(self) -> int:
+        """The most memory any one-op stage needs: no cap below it admits any plan."""
+        return max(self.of(a, a + 1) for a in range(self.n_ops))
+
+    def fewest_stages(self, cap: float) -> int | None:
+        """The fewest stages that each fit in `cap`, or None when no split fits. A breadth-first
+        search over cut positions: from a, one stage reaches any end in (a, reach[a]] (not
+        greedy: what a stage receives at its start varies, so a later start may reach less)."""
+        reach, n = self.reach(cap), self.n_ops
+        unseen = list(range(1, n + 2))  # unseen[i]: the first position >= i not reached yet
+
+        def first_unseen(i: int) -> int:
+            while unseen[i - 1] != i:
+                unseen[i - 1] = unseen[unseen[i - 1] - 1]
+                i = unseen[i - 1]
+            return i
+
+        frontier, stages = [0], 0
+        while frontier:
+            stages += 1
+            reached = []
+            for a in frontier:
+                b = first_unseen(a + 1)
+                while b <= reach[a]:
+                    if b == n:
+                        return stages
+                    reached.append(b)
+                    unseen[b - 1] = b + 1
+                    b = first_unseen(b + 1)
+            frontier = reached
+        return None
 
     def reach(self, cap: float) -> np.ndarray:
         """(N+1,) int: for each start a, the largest b >= a with memory(a, b) <= cap."""

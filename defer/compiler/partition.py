@@ -37,6 +37,7 @@ import numpy as np
 from defer.compiler.intervals import range_min_after, stab_max
 from defer.compiler.memory import StageMemory
 from defer.errors import PlanError
+from defer.units import format_bytes
 
 _REL_EPS = 1e-9
 _BLOCK = 1 << 19  # elements of one (starts x ends) block of the second pass
@@ -388,8 +389,12 @@ def _infeasible_message(problem: Problem) -> str:
     caps = [c for c in (problem.of_stage("memory_cap", s) for s in range(problem.n_stages))
             if c is not None]
     if problem.memory is not None and caps:
-        smallest = problem.memory.smallest_stage()
-        return (f"no plan fits the memory cap of {max(caps) / 2**20:.1f} MiB per device "
-                f"(the smallest single stage needs {smallest / 2**20:.1f} MiB); "
-                "raise --memory or use more devices")
+        cap = max(caps)
+        fewest = problem.memory.fewest_stages(cap)
+        if fewest is None:
+            return (f"no plan fits the memory cap of {format_bytes(cap)} per device: one op "
+                    f"alone needs {format_bytes(problem.memory.largest_op())}; raise --memory")
+        return (f"no {problem.n_stages}-stage plan fits the memory cap of "
+                f"{format_bytes(cap)} per device: it takes at least {fewest}; "
+                "raise -n or --memory")
     return "no feasible plan; check the speeds and the number of stages"

@@ -1,9 +1,9 @@
 """`defer deploy --target systemd`: a hardened template unit for devices without containers.
 
 Device i runs `defer-node@i.service`; its settings are in /etc/defer/node-i.env (bundle path,
-address, ports), the token in /etc/defer/token, handed over by LoadCredential= and read from
-$CREDENTIALS_DIRECTORY into DEFER_TOKEN by a one-line shell wrapper, so it never appears on a
-command line (which `ps` shows) nor in the unit. The gateway (`defer-gateway.service`) gets the
+address, ports), the token in /etc/defer/token, handed over by LoadCredential= and named to
+defer by DEFER_TOKEN_FILE=%d/token (%d: the unit's credentials directory), so it never appears
+on a command line (which `ps` shows), in the environment, or in the unit. The gateway (`defer-gateway.service`) gets the
 manifest and the chain in stage order from /etc/defer/gateway.env. DEPLOY_UNIT is the file
 committed as deploy/systemd/defer-node@.service (a test keeps them equal).
 """
@@ -18,8 +18,7 @@ TOKEN_FILE = "token"
 ETC = "/etc/defer"
 VENV = "/opt/defer"  # `python3 -m venv /opt/defer && /opt/defer/bin/pip install defer-edge`
 
-# systemd replaces $$ by $: the shell, not systemd, expands the credential path and settings.
-_WITH_TOKEN = 'DEFER_TOKEN="$$(cat "$$CREDENTIALS_DIRECTORY/token")" exec ' + VENV + "/bin/defer"
+DEFER = VENV + "/bin/defer"
 
 _HARDENING = """\
 DynamicUser=yes
@@ -59,7 +58,8 @@ After=network-online.target
 Type=exec
 EnvironmentFile={ETC}/{env_file}
 LoadCredential=token:{ETC}/token
-ExecStart=/bin/sh -c '{_WITH_TOKEN} {command}'
+Environment=DEFER_TOKEN_FILE=%d/token
+ExecStart={DEFER} {command}
 Restart=on-failure
 RestartSec=2s
 TimeoutStopSec=30s
@@ -76,17 +76,17 @@ NODE_UNIT_TEXT = _unit(
 # token: {ETC}/token (root-only), handed over with LoadCredential=.
 # Written by `defer deploy --target systemd`; also deploy/systemd/defer-node@.service.
 """, "defer node, stage %i", "node-%i.env",
-    'serve "$$DEFER_BUNDLE" --host "$$DEFER_HOST" \\\n'
-    '    --port "$$DEFER_PORT" --http-port "$$DEFER_HTTP_PORT"')
+    "serve ${DEFER_BUNDLE} --host ${DEFER_HOST} \\\n"
+    "    --port ${DEFER_PORT} --http-port ${DEFER_HTTP_PORT}")
 
 GATEWAY_UNIT_TEXT = _unit(
     f"""\
 # defer gateway: the Open Inference Protocol in front of one chain of defer nodes.
 # Settings: {ETC}/gateway.env (DEFER_MANIFEST, DEFER_NODES in stage order); token as the nodes'.
 """, "defer gateway", "gateway.env",
-    'gateway --manifest "$$DEFER_MANIFEST" \\\n'
-    f'    --nodes "$$DEFER_NODES" --host "$$DEFER_HOST" --http-port {GATEWAY_PORTS["http"]} \\\n'
-    f'    --grpc-port {GATEWAY_PORTS["grpc"]} --metrics-port {GATEWAY_PORTS["metrics"]}')
+    "gateway --manifest ${DEFER_MANIFEST} \\\n"
+    f"    --nodes ${{DEFER_NODES}} --host ${{DEFER_HOST}} --http-port {GATEWAY_PORTS['http']} \\\n"
+    f"    --grpc-port {GATEWAY_PORTS['grpc']} --metrics-port {GATEWAY_PORTS['metrics']}")
 
 
 def systemd_files(plan: DeployPlan) -> dict[str, str]:
