@@ -17,12 +17,14 @@ runtime. The compiler reads the cached figure through defer.hop only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ def machine_hop_cost(measure: bool = True, count: int = 100) -> hops.HopCost | N
     cached = hops.cached()
     if cached is not None or not measure:
         return cached
-    log.info("measuring this machine's hop cost once (cached at %s)", hops.CACHE_PATH)
+    log.debug("measuring this machine's hop cost once (cached at %s)", hops.CACHE_PATH)
     with tempfile.TemporaryDirectory(prefix="defer-hop-") as tmp:
         fitted = fit(Path(tmp), count=count)
     hop = dataclasses.replace(fitted["hop"], source="calibrated on this machine")
@@ -64,8 +66,9 @@ def fit(work_dir: Path, count: int = 100, sizes: tuple[int, ...] = SIZES,
             for size in sizes:
                 where = work_dir / f"hop-{kind}-{size}"
                 where.mkdir(parents=True, exist_ok=True)
-                node_s, op_s = node_seconds(trivial_bundle(kind, size, where / "model.onnx"),
-                                            where / "bundles", count, core)
+                with _quietly():  # only the calibration's own progress shows
+                    node_s, op_s = node_seconds(trivial_bundle(kind, size, where / "model.onnx"),
+                                                where / "bundles", count, core)
                 points[kind].append([size, node_s - op_s])
                 step()
     slope, intercept = {}, {}
@@ -75,6 +78,19 @@ def fit(work_dir: Path, count: int = 100, sizes: tuple[int, ...] = SIZES,
                        max(float(slope["recv"]), 0.0), max(float(slope["send"]), 0.0),
                        "measured")
     return {"hop": hop, "points": points}
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    """No progress or INFO lines from compiling and opening a trivial bundle's chain."""
+    logger = logging.getLogger("defer.compiler")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with progress.reporting(progress.Reporter()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def trivial_bundle(kind: str, size: int, path: Path) -> Path:
