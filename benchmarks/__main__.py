@@ -109,7 +109,7 @@ def _run_all(ctx: Context, only: list[str], out: Path) -> tuple[dict, list[str]]
         tables.append(tflite.render(results["tflite"]))
     if "hopcost" in only:
         ctx.log("scenario 9: CPU a node spends beyond onnxruntime (n=2, n=8)")
-        results["hopcost"] = hopcost.run(ctx, loaded, samples)
+        results["hopcost"] = hopcost.run(ctx, loaded, samples, model_path)
         tables.append(hopcost.render(results["hopcost"]))
     if "testbed" in only:
         ctx.log("scenario 10: emulated edge testbed (cgroup-capped devices)")

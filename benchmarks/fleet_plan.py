@@ -11,7 +11,7 @@ core (cgroups: benchmarks/cgroups.py), each stage's node started in its device's
    tbf): raw, lz4, zfp:1e-3, q8, q8+lz4 on the raw plan, and on the plan made for each codec.
 
 cluster.json comes from `defer profile` against the same capped nodes, empty: each node's op
-costs and CPU per hop (defer/fleet/hops.py), every link.
+costs and CPU per hop (defer/fleet/hop_probe.py), every link.
 
     python -m benchmarks.fleet_plan [--quick] [--runs R] [--only plans|fifth|codecs ...]
 """

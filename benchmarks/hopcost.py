@@ -7,8 +7,9 @@ node, node i pinned to core i % cores), raw codec. For each node and inference:
 - `ort_ms`: the same stage bundle timed alone in this process (thread CPU time, median);
 - `overhead_ms` = cpu_ms - ort_ms: what the hop costs the node beyond onnxruntime.
 Against the whole model in one process (pinned, one thread): the chain's CPU-seconds per
-inference over the single process's. Then `hopfit`: this machine's hop cost as a line (per
-request + per byte received + per byte sent), from one node running trivial bundles. Thread clocks are read from outside the nodes
+inference over the single process's. Then this machine's hop cost as a line (per request +
+per byte received + per byte sent; defer/calibrate.py, what `defer compile` prices), from one
+node running trivial bundles. Thread clocks are read from outside the nodes
 (the process's CPU clock, /proc for the main thread), so nothing in the node is changed to measure it.
 """
 
@@ -18,15 +19,12 @@ import os
 import statistics
 import time
 
-from benchmarks import hopfit
 from benchmarks.common import Context, chain_stats, fmt_spread, single_device, spread, table
+from defer.calibrate import process_cpu
+
+__all__ = ["process_cpu", "render", "run", "run_manifest"]
 
 SIZES = (2, 8)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds of process `pid`, all threads (its kernel CPU clock, nanosecond grain)."""
-    return time.clock_gettime((~pid << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)
 
 
 def loop_cpu(pid: int) -> float:
@@ -81,17 +79,24 @@ def measure(manifest, pids: list[int], addresses: list[str], samples: list[dict]
             "hop_bytes": [h["bytes_per_inference"] for h in stats["hops"]]}
 
 
-def run(ctx: Context, loaded, samples: list[dict]) -> dict:
+def run(ctx: Context, loaded, samples: list[dict], model_path=None) -> dict:
     from defer.compiler import compile_model
 
     out: dict = {}
     for n in SIZES:
         manifest = compile_model(loaded, n, ctx.work_dir / f"r50-hop{n}")
-        out[f"n{n}"] = run_manifest(ctx, manifest, loaded.model, samples)
-        ctx.log(f"  n={n}: node overhead {out[f'n{n}']['mean_overhead_ms']['median']:.2f} ms/inf, "
-                f"chain CPU / single x{out[f'n{n}']['chain_over_single']['median']:.2f}")
-    out["fit"] = hopfit.fit(ctx.work_dir / "hopfit", count=ctx.count)
-    ctx.log("  " + hopfit.render(out["fit"]).splitlines()[-1])
+        entry = out[f"n{n}"] = run_manifest(ctx, manifest, loaded.model, samples)
+        ctx.log(f"  n={n}: node overhead {entry['mean_overhead_ms']['median']:.2f} ms/inf, "
+                f"chain CPU / single x{entry['chain_over_single']['median']:.2f}, "
+                f"throughput / single x{entry['speedup']['median']:.2f}")
+        if n == len(os.sched_getaffinity(0)) and model_path is not None:
+            entry["processes_over_single"] = spread(
+                [whole_model_processes(model_path, n, ctx.count // 2) / r["single_throughput"]
+                 for r in entry["runs"]])
+            ctx.log(f"  {n} independent whole-model processes / single "
+                    f"x{fmt_spread(entry['processes_over_single'])} (the limit)")
+    out["fit"] = fit(ctx)
+    ctx.log("  " + render_fit(out["fit"]).splitlines()[-1])
     return out
 
 
@@ -112,6 +117,7 @@ def run_manifest(ctx: Context, manifest, whole_model, samples: list[dict]) -> di
             runs.append(result)
             ratios.append(result["chain_cpu_ms"] / result["single_cpu_ms"])
     return {"runs": runs, "ort_ms": ort_ms, "chain_over_single": spread(ratios),
+            "speedup": spread([r["throughput"] / r["single_throughput"] for r in runs]),
             "mean_overhead_ms": spread([statistics.mean(x["overhead_ms"] for x in r["nodes"])
                                         for r in runs]),
             "mean_loop_ms": spread([statistics.mean(x["loop_ms"] for x in r["nodes"])
@@ -132,6 +138,52 @@ def render(result: dict) -> str:
         rows.append(["", "all", "", f"{last['chain_cpu_ms']:.1f}", "",
                      f"mean {fmt_spread(entry['mean_overhead_ms'])}",
                      f"chain/single CPU x{fmt_spread(entry['chain_over_single'])}"])
+        if "speedup" in entry:
+            limit = entry.get("processes_over_single")
+            rows.append(["", "", "", "", "", f"throughput/single x{fmt_spread(entry['speedup'])}",
+                         f"independent processes x{fmt_spread(limit)}" if limit else ""])
     chains = table(["chain", "node", "ort ms (alone)", "CPU ms", "loop thread ms",
                     "beyond ort ms", "MB in"], rows)
-    return chains + ("\n\n" + hopfit.render(result["fit"]) if "fit" in result else "")
+    return chains + ("\n\n" + render_fit(result["fit"]) if "fit" in result else "")
+
+
+def fit(ctx: Context) -> dict:
+    """This machine's hop cost line, fitted as `defer compile` calibrates it."""
+    from defer import calibrate
+
+    fitted = calibrate.fit(ctx.work_dir / "hopfit", count=ctx.count)
+    return {**fitted["hop"].to_dict(), "points": fitted["points"]}
+
+
+def render_fit(result: dict) -> str:
+    from defer.hop import HopCost
+
+    rows = [[kind, f"{size / 1e6:.3f}", f"{cost * 1e3:.3f}"]
+            for kind, points in result["points"].items() for size, cost in points]
+    lines = table(["side", "MB per request", "node CPU ms beyond the op"], rows)
+    return f"{lines}\nhop cost: {HopCost.from_dict(result, 'this machine').describe()}"
+
+
+def whole_model_processes(model_path, n: int, count: int) -> float:
+    """Inferences/s of `n` independent processes, each pinned to its own core running the
+    whole model (plain data parallelism: what a chain on `n` cores could at best reach)."""
+    import json
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))[:n]
+    procs = [subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-m",
+                               "benchmarks.testbed", "single", str(model_path), str(count)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for core in cores]
+    try:
+        if any(p.stdout.readline().strip() != "ready" for p in procs):
+            raise RuntimeError("a whole-model process did not start")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return sum(json.loads(p.stdout.readline())["throughput"] for p in procs)
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(30)

@@ -10,9 +10,14 @@ with CORE, so a fleet can be tried before it is bought:
 
 Each figure is the median over `runs` of the speed-up measured in one run (single device and
 chain alternate, so both see the same machine load), printed beside the plan's prediction:
-total op compute / the slowest predicted stage (`manifest.plan`). The dispatcher runs uncapped
+total op compute / the slowest predicted stage (`manifest.plan`), each stage priced with this
+machine's hop cost (defer/calibrate.py) at the quota's speed; the prediction with hops free
+(the plan made without it) is shown too. The dispatcher runs uncapped
 in this process. Cgroups and namespaces are removed on every exit path (SIGTERM included).
 Without writable cgroups the scenario says why in one line and is skipped.
+
+`python -m benchmarks.testbed [MODEL.onnx] --devices 8 --cores 0.2 [--link 100]` tries one
+fleet of your choosing (as root): the table below for it, and its JSON.
 
 `python -m benchmarks.testbed single MODEL COUNT` is the single device's own process: it loads
 MODEL, prints `ready`, then for each line on stdin times COUNT inferences and prints a JSON line.
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from benchmarks import cgroups
 from benchmarks.common import Context, chain_stats, fmt_spread, spread, table
+from defer.calibrate import machine_hop_cost
 
 SCENARIOS = ((8, 0.2, None), (4, 0.4, None))  # devices, cores per device, link Mbit/s
 LINKED = ((8, 0.2, 1000),)  # added to full runs when network namespaces are available
@@ -174,9 +180,14 @@ def _run_scenario(ctx: Context, scenario: Scenario, loaded, samples: list[dict],
     # nodes receive the next request while computing, hence `overlap`.
     extra = {"bandwidth": scenario.link_mbit * 1e6 / 8, "local_input": True, "overlap": True} \
         if scenario.link_mbit else {}
-    manifest = compile_model(loaded, scenario.devices,
-                             ctx.work_dir / f"testbed-{scenario.devices}-{scenario.link_mbit}",
-                             speeds=[scenario.cores] * scenario.devices, **extra)
+    # This machine's hop cost (defer/calibrate.py, measured once), divided by the quota like
+    # the ops; the plan without it is made too, to show what pricing the hop changes.
+    where = ctx.work_dir / f"testbed-{scenario.devices}-{scenario.link_mbit}"
+    speeds = [scenario.cores] * scenario.devices
+    manifest = compile_model(loaded, scenario.devices, where, speeds=speeds,
+                             hop_cost=machine_hop_cost(), **extra)
+    unpriced = compile_model(loaded, scenario.devices, where.with_name(where.name + "-ops"),
+                             speeds=speeds, hop_cost=None, **extra)
     single_count = max(8, ctx.count // 10)
     ratios, runs = [], []
     with SingleDevice(model_path, scenario.cores, single_count) as single, \
@@ -195,10 +206,15 @@ def _run_scenario(ctx: Context, scenario: Scenario, loaded, samples: list[dict],
                          "hop_bytes": [h["bytes_per_inference"] for h in stats["hops"]]})
             ratios.append(stats["throughput"] / alone["throughput"])
     predicted = predicted_speedup(manifest.plan)
+    ops_only = predicted_speedup(unpriced.plan)
     measured = spread(ratios)
-    ctx.log(f"  {scenario.label}: x{fmt_spread(measured)} measured, x{predicted:.2f} predicted")
+    ctx.log(f"  {scenario.label}: x{fmt_spread(measured)} measured, x{predicted:.2f} predicted "
+            f"(x{ops_only:.2f} with hops free)")
     return {"devices": scenario.devices, "cores": scenario.cores,
             "link_mbit": scenario.link_mbit, "speedup": measured, "predicted": predicted,
+            "predicted_hops_free": ops_only, "hop_cost": manifest.plan.get("hop_cost"),
+            "cuts_hops_free": unpriced.plan["bounds"][1:-1],
+            "predicted_throughput": manifest.plan["throughput"],
             "of_predicted": measured["median"] / predicted,
             "single_throughput": statistics.median(r["single"]["throughput"] for r in runs),
             "chain_throughput": statistics.median(r["chain_throughput"] for r in runs),
@@ -232,11 +248,14 @@ def render(result: dict) -> str:
     for r in result.values():
         link = f"{r['link_mbit']:g} Mbit/s" if r["link_mbit"] else "loopback"
         rows.append([r["devices"], f"{r['cores']:g}", link, f"{r['single_throughput']:.2f}",
-                     f"{r['chain_throughput']:.2f}", f"x{fmt_spread(r['speedup'])}",
+                     f"{r['chain_throughput']:.2f}", f"{r.get('predicted_throughput', 0):.2f}",
+                     f"x{fmt_spread(r['speedup'])}",
                      f"x{r['predicted']:.2f}", f"{r['of_predicted']:.0%}",
+                     f"x{r['predicted_hops_free']:.2f}" if "predicted_hops_free" in r else "",
                      f"x{r['cpu_vs_single']:.2f}"])
-    return table(["devices", "core each", "link", "single inf/s", "chain inf/s", "speed-up",
-                  "predicted", "of predicted", "CPU/inf vs single"], rows)
+    return table(["devices", "core each", "link", "single inf/s", "chain inf/s",
+                  "predicted inf/s", "speed-up",
+                  "predicted", "of predicted", "hops free", "CPU/inf vs single"], rows)
 
 
 def plot(result: dict, path: Path, plt) -> None:
@@ -245,14 +264,14 @@ def plot(result: dict, path: Path, plt) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     top = max(r["devices"] for r in result.values())
     ax.plot([1, top], [1, top], "k:", label="ideal (x devices)")
-    for r in result.values():
+    for i, r in enumerate(result.values()):
         link = f", {r['link_mbit']:g} Mbit/s" if r["link_mbit"] else ""
-        s = r["speedup"]
-        ax.errorbar([r["devices"]], [s["median"]], fmt="o", capsize=4,
+        s, color = r["speedup"], f"C{i}"
+        ax.errorbar([r["devices"]], [s["median"]], fmt="o", capsize=4, color=color,
                     yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
                     label=f"measured, {r['cores']:g} core each{link}")
-        ax.plot([r["devices"]], [r["predicted"]], "x", markersize=9,
-                label=f"predicted, {r['cores']:g} core each{link}")
+        ax.plot([r["devices"]], [r["predicted"]], "x", markersize=9, color=color,
+                label=f"predicted (hops priced), {r['cores']:g} core each{link}")
     ax.plot([DEFER_PAPER[0]], [DEFER_PAPER[1]], "s", color="grey", label="DEFER paper (x1.53)")
     ax.set_xlabel("devices")
     ax.set_ylabel("throughput / one device with the same cap")
@@ -282,5 +301,49 @@ def _single_main(model: str, count: int) -> None:
               flush=True)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["single"]:
-    _single_main(sys.argv[2], int(sys.argv[3]))
+def main(argv: list[str] | None = None) -> int:
+    """One fleet of your choosing: devices x quota (x link), single device beside it."""
+    import argparse
+    import logging
+    import tempfile
+
+    from benchmarks.common import write_result
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.testbed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", type=Path, default=None,
+                        help="an .onnx model (default: the example ResNet50)")
+    parser.add_argument("--devices", type=int, default=8, help="devices in the chain (8)")
+    parser.add_argument("--cores", type=float, default=0.2,
+                        help="share of one core each device gets (0.2)")
+    parser.add_argument("--link", type=float, default=None, metavar="MBIT",
+                        help="shape each device's link to this many Mbit/s (root, ip netns)")
+    parser.add_argument("--runs", type=int, default=3, help="repeats; the median is shown (3)")
+    parser.add_argument("--count", type=int, default=100, help="inferences per run (100)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/testbed.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ok, why = cgroups.available()
+    if not ok:
+        print(f"testbed: skipped ({why})")
+        return 0
+    from defer.compiler import load_model
+    from defer.compiler.load import sample_inputs
+    from defer.examples import example_onnx
+
+    model_path = args.model or example_onnx("resnet50")
+    loaded = load_model(model_path)
+    samples = [sample_inputs(loaded.model, 1, seed=i) for i in range(args.count + 5)]
+    scenario = Scenario(args.devices, args.cores, args.link)
+    with tempfile.TemporaryDirectory(prefix="defer-testbed-") as tmp, _terminate_as_exit():
+        ctx = Context(quick=False, runs=args.runs, work_dir=Path(tmp), count=args.count,
+                      log=lambda line: print(line, flush=True))
+        result = {scenario.label: _run_scenario(ctx, scenario, loaded, samples, model_path)}
+    return write_result(args.out, result, render(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["single"]:
+        _single_main(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit(main())

@@ -348,9 +348,9 @@ def run_local(model: str | Path | None = None, options: RunOptions | None = None
                 dispatcher.close()
     worst_abs, worst_rel = fidelity(outputs, single.pop("outputs"))
     hop_codecs = dispatcher.hop_codecs
-    return {
-        "model": manifest.model.get("name", ""), "n_stages": len(manifest.stages),
+    return {"model": manifest.model.get("name", ""), "n_stages": len(manifest.stages),
         "count": opts.count, "codecs": hop_codecs, "chain": chain, "single": single,
+        "plan": {key: manifest.plan.get(key) for key in ("throughput", "hop_cost")},
         "speedup": chain["throughput"] / single["throughput"] if single["throughput"] else 0.0,
         "fidelity": {"max_abs": worst_abs, "max_rel": worst_rel,
                      "codec_bound_per_hop": max(max_abs_error(c) for c in hop_codecs)},

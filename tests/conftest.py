@@ -37,3 +37,17 @@ def digits(tmp_path_factory):
     from defer.examples import digits_cnn
 
     return digits_cnn(tmp_path_factory.mktemp("digits") / "digits.h5", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def hop_cost_cache(tmp_path_factory, monkeypatch):
+    """Every test sees a calibrated hop cost of zero (defer.hop's cache in a temp folder), so
+    plans do not depend on this machine's cache and no CLI test measures one; a test that
+    prices hops injects its own (CompileOptions.hop_cost) or rewrites this file."""
+    from defer import hop
+
+    path = tmp_path_factory.getbasetemp() / "hop_cost.json"
+    if not path.exists():
+        hop.save(hop.HopCost(), path)
+    monkeypatch.setattr(hop, "CACHE_PATH", path)
+    return path

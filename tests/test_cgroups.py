@@ -70,3 +70,29 @@ def test_groups_of_a_dead_owner_are_swept():
     assert os.path.isdir(stale)
     with cgroups.CpuCaps(["x"]):
         assert not stale.exists()
+
+
+@needs_cgroups
+def test_the_testbed_command_runs_a_small_fleet_and_leaves_no_group(tmp_path):
+    """`python -m benchmarks.testbed MODEL --devices 2 --cores 0.5`: the table with the
+    prediction beside the measurement, its JSON, and no group left behind."""
+    import json
+
+    import onnx
+    from onnx_graphs import residual_mlp
+
+    from benchmarks import testbed
+    from defer import hop
+
+    model = tmp_path / "mlp.onnx"
+    onnx.save(residual_mlp(width=64, blocks=4), model)
+    parent = cgroups.find_controller().own_group()
+    ours = f"{cgroups.PREFIX}{os.getpid()}-"  # other processes' groups come and go
+    assert hop.cached() is not None  # the test fixture's zero figure: nothing is measured
+    out = tmp_path / "tb.json"
+    assert testbed.main([str(model), "--devices", "2", "--cores", "0.5", "--runs", "1",
+                         "--count", "20", "--out", str(out)]) == 0
+    (entry,) = json.loads(out.read_text()).values()
+    assert entry["devices"] == 2 and entry["speedup"]["median"] > 0
+    assert entry["predicted"] > 0 and entry["predicted_hops_free"] > 0
+    assert not [p for p in parent.iterdir() if p.name.startswith(ours)]

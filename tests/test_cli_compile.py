@@ -111,3 +111,22 @@ def test_schema_1_manifests_are_still_read(model_path, tmp_path):
     assert [s.n_ops for s in manifest.stages] == [s["n_ops"] for s in data["stages"]]
     assert all(s.format == "onnx" for s in manifest.stages)
     assert _run("inspect", out).exit_code == 0
+
+
+def test_compile_prices_this_machines_hop_unless_told_none(model_path, tmp_path, hop_cost_cache):
+    from defer import hop
+
+    hop.save(hop.HopCost(2e-3, 1e-9, 2e-9), hop_cost_cache)
+    try:
+        priced = _run("compile", model_path, "-n", 2, "--no-profile", "-o", tmp_path / "a")
+        bare = _run("compile", model_path, "-n", 2, "--no-profile", "-o", tmp_path / "b",
+                    "--hop-cost", "none")
+    finally:
+        hop.save(hop.HopCost(), hop_cost_cache)
+    assert priced.exit_code == 0 and bare.exit_code == 0, priced.output + bare.output
+    assert "hops priced at 2.000 ms per request" in priced.output
+    assert "hops priced" not in bare.output
+    times = [load_manifest(tmp_path / d).plan["stage_times"] for d in "ab"]
+    assert all(p > b + 1.9e-3 for p, b in zip(*times))
+    shown = _run("inspect", tmp_path / "a")
+    assert "not measured yet" in shown.output

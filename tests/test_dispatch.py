@@ -353,3 +353,14 @@ def test_corrupt_bundles_and_hash_mismatches_exit_2(residual, chain, tmp_path):
     # a node that serves another bundle than the manifest lists
     result = _cli_dispatch(manifest.path, [chain[2], chain[0], chain[1]], "--count", "1")
     assert result.exit_code == 2 and "serves bundle" in result.output, result.output
+
+
+def test_dispatch_prints_and_keeps_measured_beside_predicted_for_inspect(residual, chain, inputs,
+                                                                         tmp_path):
+    _, manifest = residual
+    _, report, output = _dispatch(manifest, chain, tmp_path, inputs[0], "raw")
+    assert f"predicted {manifest.plan['throughput']:.2f} inf/s, measured" in output
+    shown = CliRunner().invoke(main, ["inspect", str(manifest.path.parent)])
+    assert shown.exit_code == 0, shown.output
+    assert f"measured {report['throughput']:.2f} inf/s" in shown.output
+    assert "by `defer dispatch`" in shown.output

@@ -26,7 +26,7 @@ from defer.cluster import load_cluster
 from defer.compiler import analyse, compile_model, load_model
 from defer.compiler.profile import Profile, costs_from_profile
 from defer.engines.profiling import KernelProfile
-from defer.fleet.hops import core_share
+from defer.fleet.hop_probe import core_share
 from defer.fleet.profile import FleetError, ProfileOptions, profile_fleet
 from defer.local import start_node, stop_processes
 from defer.runtime import protocol as p

@@ -55,3 +55,63 @@ def tls_ca_option(func):
                         default=None, help="Connect to nodes with TLS, verifying them against "
                                            "this CA or self-signed certificate (PEM).  "
                                            "[default: plain TCP]")(func)
+
+
+HOP_COST_HELP = ("Price the CPU a device spends per hop (per request, per byte in and out): "
+                 "auto = measured once on this machine with a real node (~15 s, cached in "
+                 "~/.cache/defer/hop_cost.json) and divided by --speeds like the ops; none = "
+                 "hops cost no CPU. With --cluster, each node's own hop_cost from "
+                 "cluster.json.")
+
+
+def hop_cost_option(func):
+    return click.option("--hop-cost", "hop_cost", type=click.Choice(["auto", "none"]),
+                        default="auto", show_default=True, help=HOP_COST_HELP)(func)
+
+
+def machine_hop_cost(choice: str = "auto"):
+    """The HopCost to plan with: this machine's (measured now, once, if not cached), or None."""
+    from defer import hop
+
+    if choice == "none":
+        return None
+    cached = hop.cached()
+    if cached is not None:
+        return cached
+    from defer import calibrate, progress
+
+    click.echo(f"measuring this machine's hop cost once (cached in {hop.CACHE_PATH})",
+               err=True)
+    with progress.reporting(progress.TerminalReporter(prefix="calibrate: ")):
+        measured = calibrate.machine_hop_cost()
+    click.echo(f"hop cost: {measured.describe()}", err=True)
+    return measured
+
+
+MEASURED_FILE = "measured.json"
+
+
+def record_measured(manifest, throughput: float, command: str, nodes: int) -> None:
+    """Keep the last measured throughput beside the manifest, for `defer inspect`."""
+    import contextlib
+    import json
+    import time
+
+    if manifest.path is None:
+        return
+    record = {"throughput": throughput, "command": command, "nodes": nodes,
+              "predicted": manifest.plan.get("throughput"),
+              "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with contextlib.suppress(OSError):  # a read-only bundle folder: inspect shows the plan only
+        (manifest.path.parent / MEASURED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def predicted_vs_measured(plan: dict, measured: float | None) -> str:
+    """One line: the plan's predicted throughput beside the measured one."""
+    predicted = plan.get("throughput")
+    if not predicted:
+        return "plan: no predicted throughput"
+    if measured is None:
+        return f"predicted {predicted:.2f} inf/s; not measured yet (defer dispatch / defer run)"
+    return (f"predicted {predicted:.2f} inf/s, measured {measured:.2f} inf/s "
+            f"({measured / predicted:.0%} of predicted)")

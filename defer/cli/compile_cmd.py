@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from defer import progress
+from defer.cli.common import MEASURED_FILE, hop_cost_option, machine_hop_cost, predicted_vs_measured
 from defer.codecs import CODEC_HELP
 from defer.compiler.options import STRATEGIES, CompileOptions, parse_speeds
 from defer.compiler.order import ORDERS
 from defer.compiler.quantize import MODES
 from defer.engines import FORMATS
+from defer.hop import HopCost
 from defer.manifest import Manifest, load_manifest
 from defer.units import format_bytes, parse_bandwidth, parse_size
 
@@ -77,13 +79,14 @@ _DEFAULTS = CompileOptions()
                    "bandwidth and rtt; chooses the devices, their order and the cuts, and "
                    "records each stage's device. --bandwidth then prices links it lacks.  "
                    "[default: devices alike, --speeds]")
+@hop_cost_option
 @click.option("--verify", is_flag=True, help="Run the stages in one process and compare with "
               "the whole model; exit 1 above the tolerance.")
 @click.option("--tolerance", type=float, default=None,
               help="Max relative error accepted by --verify.  [default: 1e-4; 1e-2 with "
                    "--quantize, whose stages may round differently from the whole model]")
 def compile_command(model: Path, out_dir: Path, verify: bool, tolerance: float, bandwidth,
-                    latency: float, speeds, memory, cuts, **fields) -> None:
+                    latency: float, speeds, memory, cuts, hop_cost: str, **fields) -> None:
     """Cut MODEL (.onnx, .tflite, .h5, .keras or a SavedModel folder) into balanced ONNX or
     TFLite stages."""
     from defer.compiler import compile_model, load_model
@@ -94,7 +97,9 @@ def compile_command(model: Path, out_dir: Path, verify: bool, tolerance: float, 
     options = CompileOptions(
         bandwidth=parse_bandwidth(bandwidth) if bandwidth else None, latency=latency / 1e3,
         speeds=parse_speeds(speeds), memory=parse_size(memory) if memory else None,
-        cuts=tuple(cuts), **fields).checked()  # every option checked before the slow load
+        cuts=tuple(cuts), hop_cost="none", **fields).checked()  # checked before slow work
+    if not options.cluster:  # a fleet's nodes bring their own (cluster.json)
+        options = options.replace(hop_cost=machine_hop_cost(hop_cost))
     with progress.reporting(progress.TerminalReporter(prefix="compile: ")):
         loaded = load_model(model, format=options.format, quantize=options.quantize,
                             calibration=options.calibration)
@@ -121,6 +126,23 @@ def inspect_command(bundle_dir):
     manifest = load_manifest(bundle_dir)
     click.echo(render_plan(manifest))
     click.echo(render_cuts(manifest, constant_sends(manifest)))
+    click.echo(_measured_line(manifest))
+
+
+def _measured_line(manifest: Manifest) -> str:
+    """Predicted throughput beside the last measured one (measured.json, written by
+    `defer dispatch` and `defer run -o`)."""
+    import json
+
+    path = manifest.path.parent / MEASURED_FILE if manifest.path else None
+    try:
+        record = json.loads(path.read_text()) if path else None
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("throughput"), (int, float)):
+        return predicted_vs_measured(manifest.plan, None)
+    return (predicted_vs_measured(manifest.plan, record["throughput"])
+            + f" by `{record.get('command', '?')}` at {record.get('at', '?')}")
 
 
 def render_cuts(manifest: Manifest, constants: list[set[str] | None]) -> str:
@@ -169,6 +191,8 @@ def render_plan(manifest: Manifest) -> str:
                      f"{format_bytes(s.bytes_out):>10}  {names}")
     if manifest.model.get("quantization"):
         lines.append(_quantization(manifest.model["quantization"]))
+    if plan.get("hop_cost"):
+        lines.append(f"hops priced at {HopCost.from_dict(plan['hop_cost']).describe()}")
     lines.append(_summary(plan["strategy"], plan))
     if plan.get("placement"):
         lines.append(_placement(plan["placement"], len(manifest.stages)))

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import click
 
-from defer.cli.common import heartbeat_option, resolve_token, token_options
+from defer.cli.common import (
+    heartbeat_option,
+    machine_hop_cost,
+    predicted_vs_measured,
+    record_measured,
+    resolve_token,
+    token_options,
+)
 from defer.codecs import CODEC_HELP
 from defer.engines import FORMATS
 from defer.local import RunOptions
@@ -54,8 +61,13 @@ def _file(**kwargs):
               help="Largest model this node accepts to profile (`defer profile`; larger models "
                    "arrive in chunks), announced in HELLO; e.g. 256MiB.  [default: a quarter of "
                    "the memory available at start, 64 MiB to 1 GiB]")
+@click.option("--hop-cost", "hop_cost", type=click.Choice(["auto", "none"]), default="none",
+              show_default=True,
+              help="auto: measure this device's CPU per hop once (~15 s, cached in "
+                   "~/.cache/defer/hop_cost.json) and announce it in HELLO, so `defer profile` "
+                   "records it in cluster.json and fleet plans price it.")
 def serve(token: str | None, token_file: Path | None, max_model_size: str | None,
-          **fields) -> None:
+          hop_cost: str, **fields) -> None:
     """Serve one stage BUNDLE; without it, wait for the dispatcher to push one.
 
     Once listening, prints one line to stdout: `defer node listening on HOST:PORT` (followed
@@ -71,8 +83,9 @@ def serve(token: str | None, token_file: Path | None, max_model_size: str | None
     from defer.units import parse_size
 
     size = int(parse_size(max_model_size)) if max_model_size else None
-    run_node(NodeConfig(token=resolve_token(token, token_file), max_model_size=size, **fields),
-             ready)
+    hop = machine_hop_cost(hop_cost)  # before listening: the ready line means ready
+    run_node(NodeConfig(token=resolve_token(token, token_file), max_model_size=size,
+                        hop_cost=hop.to_dict() if hop else None, **fields), ready)
 
 
 @click.command("dispatch")
@@ -167,6 +180,8 @@ def dispatch(manifest_path: Path, nodes: str | None, cluster_path: Path | None,
         writer.close()
     stats["dispatcher_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     click.echo(format_report(stats))
+    click.echo(f"  {predicted_vs_measured(manifest.plan, stats['throughput'])}")
+    record_measured(manifest, stats["throughput"], "defer dispatch", len(chain))
     click.echo(f"  dispatcher peak RSS {stats['dispatcher_peak_rss_mb']:.0f} MB")
     if report_path is not None:
         report_path.write_text(json.dumps(stats, indent=2) + "\n")
@@ -228,6 +243,8 @@ def run(model: Path | None, report_path: Path | None, **fields) -> None:
     from defer.runtime.report import format_report
 
     options = RunOptions(**fields).checked()
+    if model is None or not model.is_dir():
+        machine_hop_cost()  # measured once per machine; the compile prices it
     # SIGTERM unwinds like Ctrl-C, so the cluster's cleanup stops every node process.
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
@@ -239,6 +256,12 @@ def run(model: Path | None, report_path: Path | None, **fields) -> None:
     click.echo(f"single process ({single['reference']}, 1 thread): "
                f"{single['throughput']:.1f} inferences/s, latency p50 "
                f"{single['latency_ms']['p50']:.2f} ms")
+    click.echo(f"chain: {predicted_vs_measured(report['plan'], report['chain']['throughput'])}")
+    if options.out_dir is not None:
+        from defer.manifest import load_manifest
+
+        record_measured(load_manifest(options.out_dir), report["chain"]["throughput"],
+                        "defer run", report["n_stages"])
     click.echo(f"speed-up {report['speedup']:.2f}x; fidelity: max abs error "
                f"{fid['max_abs']:.3g}, max relative error {fid['max_rel']:.3g} "
                f"(codec bound per hop {fid['codec_bound_per_hop']:g})")

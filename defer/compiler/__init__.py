@@ -28,6 +28,7 @@ from defer.compiler.profile import Costs
 from defer.compiler.verify import verify
 from defer.compiler.wire import WireCosts, measure_wire
 from defer.errors import PlanError, UsageError
+from defer.hop import HopCost, hop_cut_costs
 from defer.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def compile_model(model: str | Path | onnx.ModelProto | LoadedModel, n_stages: i
                    **({"quantization": loaded.quantization} if loaded.quantization else {})},
             plan={**_plan_record(plan, problem, baseline, costs.source, opts.batch,
                                  opts.memory, info.order), "op_orders": orders,
+                  "hop_cost": opts.hop_cost.to_dict() if opts.hop_cost and not cluster
+                  else None,
                   **_placement_record(placed, opts)},
             stages=[spec for _, spec in stages],
             codec=opts.codec,
@@ -108,7 +111,8 @@ def _plan(info: GraphInfo, costs: Costs, wire: WireCosts | None, opts: CompileOp
                                   overlap=opts.overlap)
         return placed.plan, placed.problem, placed
     problem = build_problem(info, costs, opts.n_stages, opts.speeds, opts.bandwidth,
-                            opts.latency, opts.memory, opts.local_input, opts.overlap, wire)
+                            opts.latency, opts.memory, opts.local_input, opts.overlap, wire,
+                            opts.hop_cost)
     return _choose_plan(info, problem, opts.strategy, opts.cuts), problem, None
 
 
@@ -144,8 +148,9 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
                   speeds: Sequence[float] | None = None, bandwidth: float | None = None,
                   latency: float = 0.0, memory: float | None = None,
                   local_input: bool = False, overlap: bool = False,
-                  wire: WireCosts | None = None) -> Problem:
-    """The partitioning problem of `info`: costs, bytes at every cut, memory per segment."""
+                  wire: WireCosts | None = None, hop_cost: HopCost | None = None) -> Problem:
+    """The partitioning problem of `info`: costs, bytes at every cut, memory per segment;
+    `hop_cost` adds a device's CPU per hop to each stage (on the bytes on the wire)."""
     cut_bytes = info.cut_bytes()
     if not isinstance(costs, Costs):
         costs = Costs.nodes_only(np.asarray(costs, dtype=float), "given")
@@ -153,6 +158,9 @@ def build_problem(info: GraphInfo, costs: Costs | np.ndarray, n_stages: int,
     link_bytes = cut_bytes.copy()
     if wire is not None:
         link_bytes, enter, leave = wire.cut_bytes.copy(), enter + wire.decode, leave + wire.encode
+    if hop_cost is not None:
+        hop_enter, hop_leave = hop_cut_costs(link_bytes, hop_cost)
+        enter, leave = enter + hop_enter, leave + hop_leave
     if local_input:
         link_bytes[0] = 0.0
     return Problem(

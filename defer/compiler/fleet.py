@@ -12,7 +12,7 @@
   machine's op costs were measured too; with a FLOP estimate here the ratio means nothing and
   they are priced as on this machine), plus the node's own per-message and per-byte costs of
   a hop if cluster.json has them (`hop_cost`: `per_message_s` once per stage, `per_byte_s` on
-  the bytes in and the bytes out).
+  the bytes in and the bytes out, or `recv_per_byte_s` / `send_per_byte_s`; defer/hop.py).
 - per ordered pair of ends (devices and the dispatcher), the link's measured bandwidth and one
   way latency (rtt / 2). A link cluster.json does not list is not used, unless a default
   bandwidth is given (`--bandwidth`, with `--latency`), which then prices it.
@@ -45,6 +45,7 @@ from defer.compiler.partition import Problem
 from defer.compiler.profile import Costs, _op_index
 from defer.compiler.wire import WireCosts
 from defer.errors import PlanError
+from defer.hop import HopCost, hop_cut_costs
 
 log = logging.getLogger(__name__)
 
@@ -186,23 +187,23 @@ def build_fleet(info: GraphInfo, cluster: Cluster, local: Costs, wire: WireCosts
         cut_bytes, enter, leave = wire.cut_bytes.copy(), enter + wire.decode, leave + wire.encode
     if local_input:
         cut_bytes[0] = 0.0
-    hops = [_hop_cost(node) for node in cluster.nodes]
-    enters = np.array([slow * enter + per_message + per_byte * cut_bytes
-                       for slow, (per_message, per_byte) in zip(slowness, hops)])
-    leaves = np.array([slow * leave + per_byte * cut_bytes
-                       for slow, (_, per_byte) in zip(slowness, hops)])
+    hops = [hop_cut_costs(cut_bytes, _hop_cost(node)) for node in cluster.nodes]
+    enters = np.array([slow * enter + hop_enter for slow, (hop_enter, _) in zip(slowness, hops)])
+    leaves = np.array([slow * leave + hop_leave for slow, (_, hop_leave) in zip(slowness, hops)])
     caps = [_cap(node, memory) for node in cluster.nodes]
     return Fleet(names, np.array(compute), np.array(slowness), bw, lat, caps, cut_bytes, enters,
                  leaves, info.memory() if any(c is not None for c in caps) else None, overlap,
                  codec)
 
 
-def _hop_cost(node: NodeProfile) -> tuple[float, float]:
-    """(seconds per message, seconds per byte) the node measured for a hop, else zeros."""
-    hop = node.extra.get("hop_cost") or {}
+def _hop_cost(node: NodeProfile) -> HopCost | None:
+    """The hop cost the node measured (cluster.json's `hop_cost`), else None."""
+    hop = node.extra.get("hop_cost")
+    if not hop:
+        return None
     try:
-        return float(hop.get("per_message_s", 0.0)), float(hop.get("per_byte_s", 0.0))
-    except (TypeError, ValueError, AttributeError):
+        return HopCost.from_dict(hop)
+    except (TypeError, ValueError):
         raise PlanError(f"{node.address}: malformed hop_cost in cluster.json ({hop!r:.80}); "
                         "run `defer profile` again") from None
 

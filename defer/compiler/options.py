@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from defer import hop as hops
 from defer.codecs import parse_codec
 from defer.compiler.load import check_load
 from defer.compiler.order import ORDERS
@@ -26,7 +27,10 @@ class CompileOptions:
     format (None: tflite for a .tflite model, else onnx); `quantize` (fp16, int8) quantizes
     the model first, calibrated on the samples in the `calibration` .npy/.npz. `cluster`, a
     cluster.json, plans for that measured fleet (fleet.py, placement.py): it chooses the
-    devices, their order and the cuts (`n_stages` None: the best count)."""
+    devices, their order and the cuts (`n_stages` None: the best count). `hop_cost` is the CPU
+    a device spends per hop (defer/hop.py), added to each stage's time: "auto" = this
+    machine's calibration if it was measured (`defer.calibrate`; divided by `speeds` like the
+    ops), None = not priced; a cluster's nodes use their own cluster.json figures."""
 
     n_stages: int | None = None
     strategy: str = "balanced"
@@ -46,6 +50,7 @@ class CompileOptions:
     quantize: str | None = None
     calibration: str | None = None
     cluster: str | None = None
+    hop_cost: hops.HopCost | str | None = "auto"
 
     def replace(self, **changes) -> CompileOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -89,7 +94,24 @@ class CompileOptions:
             raise UsageError(f"--order {self.order!r} unknown; use one of {', '.join(ORDERS)}")
         check_load(self.format, self.quantize, self.calibration)
         codec = parse_codec(self.codec).spec
-        return dataclasses.replace(self, n_stages=n_stages, cuts=cuts, speeds=speeds, codec=codec)
+        return dataclasses.replace(self, n_stages=n_stages, cuts=cuts, speeds=speeds, codec=codec,
+                                   hop_cost=_hop_cost(self.hop_cost))
+
+
+def _hop_cost(value: hops.HopCost | str | dict | None) -> hops.HopCost | None:
+    """"auto" -> this machine's cached calibration (or None), "none" -> None."""
+    if value is None or isinstance(value, hops.HopCost):
+        return value
+    if value == "auto":
+        return hops.cached()
+    if value == "none":
+        return None
+    if isinstance(value, dict):
+        try:
+            return hops.HopCost.from_dict(value, "given")
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"hop_cost {value!r:.80}: {err}") from None
+    raise UsageError(f"hop_cost {value!r}: use auto, none or a HopCost")
 
 
 def parse_speeds(text: str | None) -> tuple[float, ...] | None:

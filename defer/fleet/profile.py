@@ -8,8 +8,9 @@
    proof, TLS with `tls_ca`): its facts come with the HELLO (engines, max model size).
 3. Every node profiles the model with its own engine and thread count (PROFILE; in parallel,
    or one node at a time with `sequential` when nodes share CPUs). A model over the node's
-   `max_model_size` goes in chunks. The replies become per-op seconds (`work.read`). Then
-   the node's CPU per hop is read off its own clock (`hops.measure_hop_cost`).
+   `max_model_size` goes in chunks. The replies become per-op seconds (`work.read`). The
+   node's CPU per hop is the one it announced (`defer serve --hop-cost auto`), else read off
+   its own clock around timed transfers (`hop_probe.measure_hop_cost`).
 4. Links are timed one at a time, after all profiling: dispatcher -> node and node ->
    dispatcher for every node, and node -> node for every ordered pair the planner may chain
    (`links.measure_link`).
@@ -34,8 +35,9 @@ from defer import __version__, progress
 from defer.address import parse_address
 from defer.cluster import DISPATCHER, Cluster, Link, NodeProfile
 from defer.errors import DeferError, NodeError, UsageError
-from defer.fleet.hops import clock, core_share, measure_hop_cost
+from defer.fleet.hop_probe import clock, core_share, measure_hop_cost
 from defer.fleet.work import BadProfile, TooSmall, Work, prepare
+from defer.hop import HopCost
 from defer.runtime.channel import client_tls
 from defer.runtime.links import DEFAULT_MAX_SIZE, DEFAULT_SECONDS, measure_link
 from defer.runtime.probe import Probe, open_probe
@@ -175,8 +177,10 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
     except (BadProfile, KeyError, ValueError) as err:
         raise BadProfile(f"its profile does not fit the model: {err}") from None
     facts = results[-1]
-    share = core_share(before, await clock(probe, opts.timeout))
-    hop_cost = await measure_hop_cost(probe, opts.timeout, share)
+    hop_cost = announced_hop_cost(probe.address, probe.info).get("hop_cost")
+    if hop_cost is None:  # the node did not calibrate itself (`defer serve --hop-cost auto`)
+        share = core_share(before, await clock(probe, opts.timeout))
+        hop_cost = await measure_hop_cost(probe, opts.timeout, share)
     log.info("node %s: %d ops, %.2f ms in all (%s, %d thread(s)), profiled in %.1f s",
              probe.address, len(op_costs), 1e3 * sum(op_costs.values()), facts.engine,
              facts.threads, sum(r.seconds for r in results))
@@ -185,6 +189,19 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
                        {**extra, "max_model_size": max_size, "defer": probe.info.get("defer"),
                         "profile_seconds": sum(r.seconds for r in results),
                         **({"hop_cost": hop_cost} if hop_cost else {})})
+
+
+def announced_hop_cost(address: str, info: dict) -> dict:
+    """{"hop_cost": ...} if the node announced a well-formed one in its HELLO (`defer serve
+    --hop-cost auto`), else {} (a malformed one is logged and left out)."""
+    if not info.get("hop_cost"):
+        return {}
+    try:
+        return {"hop_cost": HopCost.from_dict(info["hop_cost"], "the node").to_dict()}
+    except (TypeError, ValueError) as err:
+        log.warning("node %s announced a malformed hop cost (%s); planning without it",
+                    address, err)
+        return {}
 
 
 async def _time_links(probes: list[Probe], problems: dict[str, str], opts: ProfileOptions,

@@ -365,7 +365,7 @@ class Node:
                 "threads": self.config.threads, "memory_available": memory_available(),
                 "engines": available_engines(),
                 "engine": self.pipeline.engine.format if self.pipeline.engine else None,
-                "max_model_size": self.probes.max_model_size}
+                "max_model_size": self.probes.max_model_size, "hop_cost": self.config.hop_cost}
 
     def _route(self, msg: Message) -> Channel | None:
         """Where a result goes: RESULT and ERROR to the dispatcher, INFER to the next hop."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from defer.address import parse_address
 from defer.codecs import parse_codec
@@ -35,6 +36,8 @@ class NodeConfig:
     serve /health/live, /health/ready and /metrics there (0 = any free port).
     `max_model_size`: the largest model (bytes) the node accepts to profile, announced in its
     HELLO (None = a quarter of the memory available at start; see runtime/probing.py).
+    `hop_cost`: the device's CPU per hop (HopCost.to_dict()), announced in HELLO so that
+    `defer profile` records it in cluster.json.
     """
 
     host: str = "127.0.0.1"
@@ -53,6 +56,7 @@ class NodeConfig:
     max_connections: int = 64
     http_port: int | None = None  # health + metrics over HTTP (runtime/http.py); None = off
     max_model_size: int | None = None
+    hop_cost: dict[str, Any] | None = None  # this device's, announced in HELLO (defer/hop.py)
 
     def checked(self) -> NodeConfig:
         if self.threads < 1:
