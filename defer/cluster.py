@@ -33,9 +33,10 @@ What `defer profile` (defer/fleet) writes in each field:
   `OpTimes.boundary`); "profile_chunks" (requests it took: > 1 when the model was over the
   node's "max_model_size"); "defer" (its version); "profile_seconds"; "hop_cost"
   {per_message_s, recv_per_byte_s, send_per_byte_s} (or one per_byte_s for both sides): the
-  node's CPU per hop beyond its engine, which the planner adds to its stages (defer/hop.py;
-  `defer profile` copies what the node announced in its HELLO: `defer serve --hop-cost auto`
-  measures it once on the device with `defer.calibrate`; absent = hops not priced there).
+  node's CPU per hop beyond its engine, which the planner adds to its stages (defer/hop.py):
+  what the node announced in its HELLO (`defer serve --hop-cost auto` measures it once on the
+  device with `defer.calibrate`, real bundles included), else what `defer profile` timed over
+  the probe connection (defer/fleet/hop_probe.py, a lower bound); absent = not priced there.
 - links: bandwidth from the slope of round-trip time over transfer size (so RTT and a token
   bucket's burst cancel out), rtt the median of empty round trips (defer/runtime/links.py).
 """
