@@ -10,7 +10,9 @@
    or one node at a time with `sequential` when nodes share CPUs). A model over the node's
    `max_model_size` goes in chunks. The replies become per-op seconds (`work.read`). The
    node's CPU per hop is the one it announced (`defer serve --hop-cost auto`), else read off
-   its own clock around timed transfers (`hop_probe.measure_hop_cost`).
+   its own clock around timed transfers (`hop_probe.measure_hop_cost`); either way divided by
+   the share of a core the node got while it profiled (`hop_probe.core_share`), as its op
+   seconds were measured at that share.
 4. Links are timed one at a time, after all profiling: dispatcher -> node and node ->
    dispatcher for every node, and node -> node for every ordered pair the planner may chain
    (`links.measure_link`).
@@ -177,10 +179,12 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
     except (BadProfile, KeyError, ValueError) as err:
         raise BadProfile(f"its profile does not fit the model: {err}") from None
     facts = results[-1]
-    hop_cost = announced_hop_cost(probe.address, probe.info).get("hop_cost")
-    if hop_cost is None:  # the node did not calibrate itself (`defer serve --hop-cost auto`)
-        share = core_share(before, await clock(probe, opts.timeout))
-        hop_cost = await measure_hop_cost(probe, opts.timeout, share)
+    # Hop costs are CPU seconds; the planner needs the node's seconds at the share of a core
+    # its op costs were measured at (a cgroup quota, a busy device).
+    share = core_share(before, await clock(probe, opts.timeout))
+    announced = announced_hop_cost(probe.address, probe.info)
+    hop_cost = (announced.scaled(1 / share).to_dict() if announced is not None
+                else await measure_hop_cost(probe, opts.timeout, share))
     log.info("node %s: %d ops, %.2f ms in all (%s, %d thread(s)), profiled in %.1f s",
              probe.address, len(op_costs), 1e3 * sum(op_costs.values()), facts.engine,
              facts.threads, sum(r.seconds for r in results))
@@ -191,17 +195,17 @@ async def _profile_node(probe: Probe, work: Work, opts: ProfileOptions,
                         **({"hop_cost": hop_cost} if hop_cost else {})})
 
 
-def announced_hop_cost(address: str, info: dict) -> dict:
-    """{"hop_cost": ...} if the node announced a well-formed one in its HELLO (`defer serve
-    --hop-cost auto`), else {} (a malformed one is logged and left out)."""
+def announced_hop_cost(address: str, info: dict) -> HopCost | None:
+    """The hop cost (CPU seconds) the node announced in its HELLO (`defer serve --hop-cost
+    auto`), or None if it announced none or a malformed one (logged)."""
     if not info.get("hop_cost"):
-        return {}
+        return None
     try:
-        return {"hop_cost": HopCost.from_dict(info["hop_cost"], "the node").to_dict()}
+        return HopCost.from_dict(info["hop_cost"], "the node")
     except (TypeError, ValueError) as err:
         log.warning("node %s announced a malformed hop cost (%s); planning without it",
                     address, err)
-        return {}
+        return None
 
 
 async def _time_links(probes: list[Probe], problems: dict[str, str], opts: ProfileOptions,
