@@ -8,7 +8,8 @@ from DEFER_TOKEN. It completes HELLO like a node (token proof included), prints 
 and answers every PROFILE by MODE:
     garbage    a PROFILE_RESULT frame whose report segment is not JSON (a malformed frame)
     foreign    a well-formed PROFILE_RESULT of kernels that are no op of the model
-    stall      as foreign, after 3 s with its loop blocked (no heartbeats): a slow device
+    stall      as foreign, after its loop is blocked (no heartbeats) for twice the silence that
+               its heartbeat alone would allow (DEAD_AFTER x HEARTBEAT): a slow device
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 from defer import __version__
 from defer.address import format_address
-from defer.runtime.channel import Channel
+from defer.runtime.channel import DEAD_AFTER, Channel
 from defer.runtime.node import READY_PREFIX
 from defer.runtime.protocol import (
     HANDSHAKE_LIMITS,
@@ -32,6 +33,9 @@ from defer.runtime.protocol import (
     ProfileResult,
     Stats,
 )
+
+HEARTBEAT = 0.2  # seconds between the heartbeats it promises
+STALL = 2 * DEAD_AFTER * HEARTBEAT  # past what the heartbeat alone allows, within PATIENCE
 
 
 def _garbage(request_id: int) -> bytes:
@@ -43,7 +47,7 @@ def _garbage(request_id: int) -> bytes:
 
 
 async def _serve(chan: Channel, mode: str, node_id: str) -> None:
-    await chan.accept(node_id, os.environ.get("DEFER_TOKEN"), None, 10.0, 0.5, info={
+    await chan.accept(node_id, os.environ.get("DEFER_TOKEN"), None, 10.0, HEARTBEAT, info={
         "defer": __version__, "cores": 1, "threads": 1, "memory_available": 1 << 30,
         "engines": ["onnx", "tflite"], "engine": None, "max_model_size": 1 << 30})
     while (msg := await chan.recv()) is not None:
@@ -55,7 +59,7 @@ async def _serve(chan: Channel, mode: str, node_id: str) -> None:
             chan.writer.write(_garbage(msg.request_id))
         elif isinstance(msg, Profile):
             if mode == "stall":
-                time.sleep(3.0)  # blocks the loop, as a slow device's GIL-held copy does
+                time.sleep(STALL)  # blocks the loop, as a slow device's GIL-held copy does
             level = {"kernels": {"not_an_op": 1e-3, "nor_this": 2e-3}, "reorder_seconds": 0.0,
                      "reorder_bytes": 0}
             await chan.send(ProfileResult(request_id=msg.request_id, engine="onnx", threads=1,

@@ -17,8 +17,8 @@ time the runs really took (KernelProfile says why), so a device capped to a shar
 profiled right.
 
 Seconds per *kernel* (or per given model) is all this module knows: mapping kernels onto a
-graph's ops, and pricing cuts, is the compiler's job (`defer.compiler.profile`,
-`defer.compiler.tflite.costs`). onnxruntime is imported only by `profile_onnx`.
+graph's ops, and pricing cuts, is the job of the compiler, a layer above that calls this one
+(as the node's PROFILE answer does). onnxruntime is imported only by `profile_onnx`.
 """
 
 from __future__ import annotations

@@ -344,14 +344,15 @@ class Channel:
 
     # --- failure detection ------------------------------------------------------------------
 
-    async def keepalive(self, interval: float) -> None:
+    async def keepalive(self, interval: float, patience: float = 0.0) -> None:
         """Run until the connection closes: heartbeat every `interval` s of our silence, abort
-        once the peer is silent for DEAD_AFTER x its own interval while we wait to read."""
+        once the peer is silent for DEAD_AFTER x its own interval (or `patience` s, if longer)
+        while we wait to read. A peer that promises no heartbeats is never taken for dead."""
         periods = [t for t in (interval, self.peer_heartbeat) if t > 0]
         if not periods:
             return
         tick = min(periods) / 2
-        dead_after = DEAD_AFTER * self.peer_heartbeat
+        dead_after = max(DEAD_AFTER * self.peer_heartbeat, patience) if self.peer_heartbeat else 0
         loop = asyncio.get_running_loop()
         heard = sent = last_tick = loop.time()
         seen_in, seen_out = self.bytes_in, self.bytes_out

@@ -34,7 +34,7 @@ from defer.errors import (
     ProtocolError,
     UsageError,
 )
-from defer.runtime.channel import DEAD_AFTER, Channel
+from defer.runtime.channel import Channel
 from defer.runtime.protocol import MAX_TRANSFER, Echo, Error, Hello, Message, Ping, Pong
 
 ZERO_PAYLOAD = memoryview(bytes(MAX_TRANSFER))  # the payload of every timed transfer
@@ -125,10 +125,9 @@ async def open_probe(address: str, token: str | None, tls: ssl.SSLContext | None
         except OSError as err:
             raise NodeError(f"node {address} is not reachable ({err}); is `defer serve` "
                             "running there?", node=address) from None
-        if chan.peer_heartbeat > 0:  # it promises heartbeats: wait PATIENCE for them
-            chan.peer_heartbeat = max(chan.peer_heartbeat, PATIENCE / DEAD_AFTER)
         async with asyncio.TaskGroup() as tg:
-            watch = tg.create_task(chan.keepalive(0.0))  # the node's heartbeats; promise none
+            # the node's heartbeats, waited for PATIENCE at least; we promise none
+            watch = tg.create_task(chan.keepalive(0.0, patience=PATIENCE))
             try:
                 yield Probe(chan, address, hello)
             finally:
