@@ -245,10 +245,7 @@ def capped(ctx: Context, quotas: tuple[float, ...] = (0.6, 0.3, 0.2, 0.1)) -> di
     bounds, runs = manifest.plan["bounds"], []
     count = max(16, (2 * ctx.count) // 5)  # CFS periods are 100 ms: average over many
     with ExitStack() as stack:
-        fleet = Fleet(manifest, max(quotas))
-        addresses = stack.enter_context(fleet)
-        for device, quota in zip(fleet.devices, quotas):
-            device.cap(quota)
+        addresses = stack.enter_context(Fleet(manifest, quotas))
         for _ in range(ctx.runs):
             cluster = profile_fleet(path, ProfileOptions(
                 nodes=tuple(addresses), sequential=True, links=False, timeout=3600))

@@ -19,7 +19,6 @@ costs and CPU per hop (defer/fleet/hop_probe.py), every link.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import Context, chain_stats, fmt_spread, spread, table, write_result
+from benchmarks.testbed import Fleet
 
 QUOTAS = (0.6, 0.3, 0.2, 0.1)
 FIFTH = 0.05
@@ -35,45 +35,6 @@ SHAPED_MBIT = 100
 # A window deep enough that a device throttled for the rest of its CFS period (100 ms) does not
 # starve the others: with the default (8 for 4 stages) capped chains lost 10-15% to that.
 INFLIGHT = 24
-
-
-class CappedNodes:
-    """Node i (serving `bundles[i]`, or empty: None) in a cgroup capped to `cores[i]` and,
-    with `shaped_mbit`, in its own network namespace with its egress shaped. Nodes load their
-    bundle uncapped, then are capped."""
-
-    def __init__(self, bundles: list, cores: list[float], shaped_mbit: float | None = None):
-        self.bundles, self.cores, self.shaped_mbit = bundles, cores, shaped_mbit
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> list[str]:
-        from benchmarks import cgroups
-        from defer.local import start_node, stop_processes
-
-        n = len(self.bundles)
-        try:
-            devices = self._stack.enter_context(cgroups.CpuCaps([f"fleet{i}" for i in range(n)]))
-            hosts = [None] * n
-            if self.shaped_mbit:
-                from benchmarks.netns import ShapedNetwork
-
-                hosts = self._stack.enter_context(ShapedNetwork(n, self.shaped_mbit, "dfp"))
-            nodes: list = []
-            self._stack.callback(stop_processes, nodes)
-            for bundle, device, host in zip(self.bundles, devices, hosts):
-                # Join the group first: `ip netns exec` remounts /sys, hiding the cgroup files.
-                prefix = device.command() + (host.command([]) if host else [])
-                nodes.append(start_node(bundle, host=host.address if host else "127.0.0.1",
-                                        command_prefix=tuple(prefix), timeout=180))
-            for device, cores in zip(devices, self.cores):
-                device.cap(cores)
-        except BaseException:
-            self._stack.close()
-            raise
-        return [node.address for node in nodes]
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
 
 
 class Predictor:
@@ -117,7 +78,7 @@ def measure(ctx: Context, manifest, cluster, quota_of: dict[str, float], samples
     cores = [quota_of[d] for d in _devices(manifest, cluster)]
     rates, used, cpu_ms = [], [], []
     bundles = [manifest.bundle_path(stage.index) for stage in manifest.stages]
-    with CappedNodes(bundles, cores, shaped_mbit) as addresses:
+    with Fleet(bundles, cores, shaped_mbit, timeout=180) as addresses:
         for _ in range(ctx.runs):
             stats = chain_stats(manifest, addresses, samples, codec=codec, warmup=2 * INFLIGHT,
                                 seconds=8.0 if ctx.quick else 25.0, timeout=300.0,
@@ -243,7 +204,7 @@ def _cluster(ctx: Context, quotas, shaped_mbit: float | None = None):
     from defer.fleet.profile import ProfileOptions, profile_fleet
 
     path = ctx.work_dir / f"cluster-{len(quotas)}-{shaped_mbit or 'lo'}.json"
-    with CappedNodes([None] * len(quotas), list(quotas), shaped_mbit) as addresses:
+    with Fleet([None] * len(quotas), quotas, shaped_mbit, timeout=180) as addresses:
         cluster = profile_fleet(example_onnx("resnet50"), ProfileOptions(
             nodes=tuple(addresses), sequential=True))
     cluster.save(path)

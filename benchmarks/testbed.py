@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,23 +66,30 @@ def predicted_speedup(plan: dict, single_speed: float | None = None) -> float:
 
 
 class Fleet:
-    """Node i serves stage i in its own capped cgroup (and namespace, with `link_mbit`).
+    """Node i serves `bundles[i]` (a path, or None: an empty node waiting for a push) in its
+    own cgroup capped to `cores` (one share for all, or one per node), and in its own network
+    namespace with its egress shaped to `link_mbit` if given. `bundles` may be a manifest: its
+    stages in order.
 
     A context manager yielding the node addresses; nodes start uncapped (so loading a bundle
     is not slowed down) and are capped once all are ready.
     """
 
-    def __init__(self, manifest, cores: float, link_mbit: float | None = None,
-                 period_us: int | None = None):
-        self.manifest, self.cores, self.link_mbit = manifest, cores, link_mbit
-        self.period_us = period_us
+    def __init__(self, bundles, cores: float | Sequence[float], link_mbit: float | None = None,
+                 period_us: int | None = None, timeout: float = 60.0):
+        if hasattr(bundles, "stages"):
+            bundles = [bundles.bundle_path(stage.index) for stage in bundles.stages]
+        self.bundles = list(bundles)
+        self.cores = ([float(cores)] * len(self.bundles) if isinstance(cores, int | float)
+                      else list(cores))
+        self.link_mbit, self.period_us, self.timeout = link_mbit, period_us, timeout
         self.devices: list[cgroups.Device] = []
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> list[str]:
         from defer.local import start_node, stop_processes
 
-        n = len(self.manifest.stages)
+        n = len(self.bundles)
         try:
             self.devices = self._stack.enter_context(
                 cgroups.CpuCaps([f"device{i}" for i in range(n)]))
@@ -92,14 +100,13 @@ class Fleet:
                 hosts = self._stack.enter_context(ShapedNetwork(n, self.link_mbit, "dtb"))
             nodes: list = []
             self._stack.callback(stop_processes, nodes)  # runs before the groups go
-            for stage, device, host in zip(self.manifest.stages, self.devices, hosts):
+            for bundle, device, host in zip(self.bundles, self.devices, hosts):
                 # the cgroup first: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup
                 prefix = device.command() + (host.command([]) if host else [])
-                nodes.append(start_node(self.manifest.bundle_path(stage.index),
-                                        host=host.address if host else "127.0.0.1",
-                                        command_prefix=tuple(prefix)))
-            for device in self.devices:
-                device.cap(self.cores, self.period_us)
+                nodes.append(start_node(bundle, host=host.address if host else "127.0.0.1",
+                                        command_prefix=tuple(prefix), timeout=self.timeout))
+            for device, cores in zip(self.devices, self.cores):
+                device.cap(cores, self.period_us)
         except BaseException:
             self._stack.close()
             raise
